@@ -1,0 +1,7 @@
+"""`python -m vlmkit` (also what `torchrun -m vlmkit train ...` runs)."""
+
+import sys
+
+from vlmkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""Run configuration: dataclasses, read from YAML, changed with dotted `key=value` overrides.
+
+The defaults *are* the tiny from-scratch recipe, so `vlmkit train --train-data X.jsonl` with no
+config file trains a small VLM from random weights on X. `configs/tiny.yaml` spells the same
+values out (a test keeps the two equal). The full config is printed when a run starts and
+saved next to the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from vlmkit.errors import ConfigError
+
+TINY_VISION = {
+    "model_type": "clip_vision_model", "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 3,
+    "num_attention_heads": 3, "image_size": 64, "patch_size": 8,
+}  # fmt: skip
+TINY_TEXT = {
+    "model_type": "llama", "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 2,
+    "num_attention_heads": 3, "num_key_value_heads": 3, "max_position_embeddings": 1024, "tie_word_embeddings": True,
+}  # fmt: skip
+
+
+@dataclass
+class ModelConfig:
+    """What to build: a saved vlmkit model, local checkpoints, or configs with random weights."""
+
+    init_from: str | None = None  # a saved vlmkit model directory (e.g. the align stage's output)
+    vision: str | None = None  # local CLIP / SigLIP / SigLIP2 checkpoint; None: build from vision_config
+    lm: str | None = None  # local causal-LM checkpoint; None: build from text_config
+    vision_config: dict = field(default_factory=lambda: dict(TINY_VISION))
+    text_config: dict = field(default_factory=lambda: dict(TINY_TEXT))
+    projector: str = "mlp"
+    projector_args: dict = field(default_factory=dict)
+    vision_feature_layer: int = -1
+    vision_feature_select_strategy: str = "default"
+    image_size: int | None = None  # square input side; needed by CNN encoders, which have none of their own
+    image_resize_mode: str = "pad"
+    vocab_size: int = 1024  # of the BPE tokenizer trained on the training text when `lm` is None
+    attn_implementation: str = "sdpa"
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # JSONL of records
+    eval: str | None = None  # JSONL of records, for the eval loss during training
+    max_length: int = 1024  # longer samples are errors (or skipped with skip_bad), never truncated
+    skip_bad: bool = False
+    max_pixels: int = 64_000_000
+    num_workers: int = 0
+
+
+@dataclass
+class LearningRates:
+    """Per-module peak learning rates; 0 freezes the module, None takes the stage's default."""
+
+    vision: float | None = None
+    projector: float | None = None
+    lm: float | None = None
+
+
+STAGE_LEARNING_RATES = {
+    "align": LearningRates(vision=0.0, projector=1e-3, lm=0.0),  # projector only
+    "sft": LearningRates(vision=0.0, projector=2e-5, lm=2e-5),  # projector + LM; vision optional
+}
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "sft"
+    lr: LearningRates = field(default_factory=LearningRates)
+    scratch_lr: float = 2e-3  # default for modules that start from random weights
+    weight_decay: float = 0.01
+    warmup: float = 0.03  # ratio of all steps when < 1, else a step count
+    scheduler: str = "cosine"
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_steps: int = 500
+    save_total_limit: int = 2
+    eval_steps: int = 0  # 0: evaluate only at the end (when data.eval is set)
+    logging_steps: int = 10
+    output_dir: str = "runs/train"
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    report_to: list = field(default_factory=lambda: ["tensorboard"])
+
+    def learning_rates(self, random_modules: frozenset[str] = frozenset()) -> LearningRates:
+        """Peak learning rate per module: the explicit value, else `scratch_lr` for a module that
+        starts from random weights (freezing or gently tuning noise is never wanted), else the
+        stage's default."""
+        if self.stage not in STAGE_LEARNING_RATES:
+            raise ConfigError(f"train.stage {self.stage!r} is not one of {', '.join(STAGE_LEARNING_RATES)}")
+        default = STAGE_LEARNING_RATES[self.stage]
+        chosen = {}
+        for name, value in dataclasses.asdict(self.lr).items():
+            if value is None:
+                value = self.scratch_lr if name in random_modules else getattr(default, name)
+            chosen[name] = value
+        return LearningRates(**chosen)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, hint, where: str):
+    """Check `value` against a (simple) type hint, converting ints to floats where a float is wanted."""
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _from_dict(hint, value, where)
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is not type(None) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
+            return value
+    raise ConfigError(f"{where} = {value!r} has the wrong type; expected {hint}")
+
+
+def _from_dict(cls, data: dict, where: str):
+    hints, names = _hints(cls), {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()})
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file (if any), then `section.key=value` overrides, in that order."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train)")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(text)
+    config = _from_dict(RunConfig, _merge(dataclasses.asdict(RunConfig()), data), str(path or "config"))
+    config.train.learning_rates()  # validates the stage name early
+    return config
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge. A sub-config (vision_config, text_config) that names another
+    model_type replaces the default instead, so no key of the tiny default leaks into it."""
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        other_type = isinstance(value, dict) and value.get("model_type", (old or {}).get("model_type")) != (
+            old or {}).get("model_type") if isinstance(old, dict) else False
+        out[key] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) and not other_type else value
+    return out
+
+
+def to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

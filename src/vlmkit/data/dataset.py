@@ -1,0 +1,109 @@
+"""Training examples: records -> token ids, labels and pixel values, checked before training starts.
+
+The text of every record is tokenised up front (fast, and it gives exact lengths for length
+checks, grouping and packing); images are only opened far enough to read their headers then,
+and decoded when an example is fetched. A bad record (missing or unreadable image, too long,
+nothing to learn) raises a DataError naming file, line and id -- or, with `skip_bad`, is left
+out and counted, never silently replaced by another one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from vlmkit.data.records import Record, read_records
+from vlmkit.errors import DataError
+from vlmkit.processing.images import open_image
+from vlmkit.processing.processor import IGNORE_INDEX, VLMProcessor
+
+
+@dataclass
+class Example:
+    record: Record
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+
+class ConversationDataset(Dataset):
+    """Examples for supervised training: `input_ids`, `labels`, `pixel_values` per item."""
+
+    def __init__(self, records: list[Record], processor: VLMProcessor, max_length: int, skip_bad: bool = False,
+                 max_pixels: int | None = None):  # fmt: skip
+        self.processor, self.max_length, self.max_pixels = processor, max_length, max_pixels
+        self.examples: list[Example] = []
+        self.skipped: list[DataError] = []
+        for record in records:
+            try:
+                self.examples.append(self._prepare(record))
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                self.skipped.append(err)
+        if not self.examples:
+            raise DataError("no usable records left" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
+
+    @classmethod
+    def from_jsonl(cls, path, processor: VLMProcessor, max_length: int, skip_bad: bool = False, **kwargs):
+        records, bad_lines = read_records(path, skip_bad=skip_bad)
+        dataset = cls(records, processor, max_length, skip_bad, **kwargs)
+        dataset.skipped = bad_lines + dataset.skipped
+        return dataset
+
+    def _open(self, record: Record, path: str, decode: bool):
+        kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+        try:
+            return open_image(path, decode=decode, **kwargs)
+        except DataError as err:
+            raise record.error(f"image {path}: {err.problem}") from None
+
+    def _prepare(self, record: Record) -> Example:
+        images = [self._open(record, p, decode=False) for p in record.images]
+        crops = [self.processor.image_processor.num_crops(image.size) for image in images]
+        try:
+            encoded = self.processor.encode_text(record.conversations, crops)
+        except DataError as err:
+            raise record.error(err.problem) from None
+        n = len(encoded["input_ids"])
+        if n > self.max_length:
+            raise record.error(f"is {n} tokens long, over max_length {self.max_length}; raise data.max_length "
+                               "or shorten the record (vlmkit never truncates a sample)")  # fmt: skip
+        if not (encoded["labels"] != IGNORE_INDEX).any():
+            raise record.error("has no assistant tokens to learn from")
+        return Example(record, encoded["input_ids"], encoded["labels"])
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.examples]
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index]
+        images = [self._open(example.record, p, decode=True) for p in example.record.images]
+        pixel_values, _ = self.processor.pixel_values(images)
+        return {"input_ids": example.input_ids, "labels": example.labels, "pixel_values": pixel_values}
+
+
+class Collator:
+    """Right-pads ids (pad token) and labels (-100) to the longest example; concatenates all crops."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        longest = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = item["input_ids"], item["labels"], 1
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        crops = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
+        if crops:
+            batch["pixel_values"] = torch.cat(crops)
+        return batch

@@ -1,0 +1,162 @@
+"""The conversation record format: reading, normalising and checking JSONL files.
+
+One record per line:
+
+    {"id": "...", "images": ["img/0001.png"],
+     "conversations": [{"role": "user", "content": "<image>\\nWhat colour is the circle?"},
+                       {"role": "assistant", "content": "red"}],
+     "category": "colour"}
+
+LLaVA's form (`"image"` plus `{"from": "human"|"gpt", "value": ...}` turns) is accepted too.
+Image paths are resolved relative to the JSONL file. Each image has exactly one `<image>`
+marker; a record with images but no markers gets them before its first user turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from vlmkit.errors import DataError
+
+IMAGE_MARKER = "<image>"
+ROLES = ("system", "user", "assistant")
+_LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Record:
+    """One training or evaluation example, normalised."""
+
+    id: str
+    images: list[str]
+    conversations: list[dict]
+    category: str | None = None
+    path: str = ""  # where the record came from, for error messages
+    line: int | None = None
+    extra: dict = field(default_factory=dict)  # other fields, kept for later stages (e.g. DPO)
+
+    def error(self, problem: str) -> DataError:
+        return DataError(problem, self.path, self.line, self.id)
+
+    def to_json(self, relative_to: Path | None = None) -> dict:
+        """The record as written to JSONL, image paths relative to `relative_to` when given."""
+        images = [os.path.relpath(p, relative_to) if relative_to else p for p in self.images]
+        out = {"id": self.id, "images": images, "conversations": self.conversations}
+        if self.category is not None:
+            out["category"] = self.category
+        out.update(self.extra)
+        return out
+
+
+def count_markers(conversations: list[dict]) -> int:
+    return sum(turn["content"].count(IMAGE_MARKER) for turn in conversations)
+
+
+def normalise(raw: dict, base_dir: Path, path: Path | str = "<memory>", line: int | None = None) -> Record:
+    """Turn one parsed JSON object into a checked Record, or raise DataError naming the problem."""
+
+    def fail(problem: str):
+        raise DataError(problem, path, line, raw.get("id") if isinstance(raw, dict) else None)
+
+    if not isinstance(raw, dict):
+        fail(f"expected a JSON object, got {type(raw).__name__}")
+    record_id = raw.get("id", f"{Path(str(path)).stem}-{line}")
+    if not isinstance(record_id, (str, int)):
+        fail("field 'id' must be a string")
+
+    images = raw.get("images", raw.get("image", []))
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        fail("field 'images' must be a list of non-empty path strings")
+    images = [str(p if Path(p).is_absolute() else base_dir / p) for p in images]
+
+    turns = raw.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        fail("field 'conversations' must be a non-empty list of turns")
+    conversations = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            fail(f"conversations[{i}] must be an object with 'role' and 'content'")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        role = _LLAVA_ROLES.get(role) if isinstance(role, str) else None
+        if role is None:
+            fail(f"conversations[{i}] has no valid role (use one of {', '.join(ROLES)}, or LLaVA's human/gpt)")
+        if not isinstance(content, str):
+            fail(f"conversations[{i}] ({role}) must have a string 'content'")
+        conversations.append({"role": role, "content": content})
+    if not any(t["role"] == "assistant" for t in conversations):
+        fail("conversations has no assistant turn, so there is nothing to learn or score")
+    if not any(t["role"] == "user" for t in conversations):
+        fail("conversations has no user turn")
+
+    markers = count_markers(conversations)
+    if markers == 0 and images:
+        first_user = next(t for t in conversations if t["role"] == "user")
+        first_user["content"] = (IMAGE_MARKER + "\n") * len(images) + first_user["content"]
+    elif markers != len(images):
+        fail(f"has {markers} {IMAGE_MARKER} marker(s) but {len(images)} image(s); use one marker per image")
+
+    category = raw.get("category")
+    if category is not None and not isinstance(category, str):
+        fail("field 'category' must be a string")
+    known = {"id", "images", "image", "conversations", "category"}
+    extra = {k: v for k, v in raw.items() if k not in known}
+    return Record(str(record_id), images, conversations, category, str(path), line, extra)
+
+
+def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict | DataError]]:
+    """Yield (line number, parsed object) for each non-blank line; a DataError in place of a bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path)
+    with path.open(encoding="utf-8") as handle:
+        for line_no, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield line_no, json.loads(text)
+            except json.JSONDecodeError as err:
+                yield line_no, DataError(f"malformed JSON ({err.msg} at column {err.colno})", path, line_no)
+
+
+def read_records(path: Path | str, skip_bad: bool = False) -> tuple[list[Record], list[DataError]]:
+    """Read and check every record of a JSONL file.
+
+    Raises the first DataError unless `skip_bad`, in which case bad lines are left out and
+    returned (so the caller can report how many were skipped).
+    """
+    path = Path(path)
+    records, skipped, seen_ids = [], [], {}
+    for line_no, item in iter_jsonl(path):
+        try:
+            if isinstance(item, DataError):
+                raise item
+            record = normalise(item, path.parent, path, line_no)
+            if record.id in seen_ids:
+                raise DataError(f"duplicate id (first seen on line {seen_ids[record.id]})", path, line_no, record.id)
+            seen_ids[record.id] = line_no
+            records.append(record)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            skipped.append(err)
+    if not records:
+        raise DataError("no usable records", path)
+    return records, skipped
+
+
+def write_records(path: Path | str, records: list[Record]) -> None:
+    """Write records as JSONL atomically (temporary file, then rename), image paths relative to the file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record.to_json(relative_to=path.parent.resolve()), ensure_ascii=False) + "\n")
+    tmp.replace(path)

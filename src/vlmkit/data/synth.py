@@ -1,0 +1,274 @@
+"""`vlmkit data synth`: the built-in visual question answering data, made on the spot.
+
+Questions come in eight categories (colour, shape, count, position, size, existence, text,
+compare). Each question is made by choosing its answer first and then building a scene
+that has it, so every category's answers are close to uniform and "always answer the most
+common answer" stays a weak baseline. Splits:
+
+- train: one image (or two, for compare) with several question turns, for SFT;
+- captions: one image with a full description, for the alignment stage;
+- val, test: one question per record, balanced over categories;
+- compositional: like test, but every question is about an object whose colour-shape pair
+  never appears in the train, captions, val or test scenes (each colour and each shape does).
+
+Record i of a split depends only on (seed, split, i), so output is reproducible and the
+work can be spread over processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vlmkit.data.scenes import CELLS, COLOURS, PLURALS, SHAPES, SIZES, WORDS, Obj, Scene, caption, render
+
+CATEGORIES = ("colour", "shape", "count", "position", "size", "existence", "text", "compare")
+# One held-out pair per colour; each shape keeps at least three colours in training.
+HELD_OUT_PAIRS = frozenset(
+    {("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"), ("purple", "diamond"),
+     ("orange", "circle")}
+)  # fmt: skip
+ALL_PAIRS = frozenset((c, s) for c in COLOURS for s in SHAPES)
+TRAIN_PAIRS = ALL_PAIRS - HELD_OUT_PAIRS
+CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Give a short description of the image.")
+
+
+@dataclass
+class QA:
+    category: str
+    question: str
+    answer: str
+
+
+class _Maker:
+    """Builds scenes and questions from one rng; `targets` are the pairs questions are about."""
+
+    def __init__(self, rng: random.Random, targets: frozenset, compositional: bool = False):
+        self.rng, self.targets, self.compositional = rng, sorted(targets), compositional
+
+    def pick(self, options):
+        return self.rng.choice(list(options))
+
+    def obj(self, cell: int, accept=lambda shape, colour: True, pairs=TRAIN_PAIRS) -> Obj:
+        options = [(c, s) for c, s in sorted(pairs) if accept(s, c)]
+        colour, shape = self.pick(options)
+        return Obj(shape, colour, self.pick(SIZES), cell)
+
+    def scene(self, fixed: list[tuple[str, str, str | None]], accept_other, n_total: int | None = None) -> Scene:
+        """Place `fixed` (shape, colour, size-or-None) objects, then fill up with accepted random ones."""
+        n_total = max(len(fixed), n_total if n_total is not None else self.rng.randint(1, len(CELLS)))
+        cells = self.rng.sample(range(len(CELLS)), n_total)
+        objects = [Obj(s, c, size or self.pick(SIZES), cells[i]) for i, (s, c, size) in enumerate(fixed)]
+        objects += [self.obj(cell, accept_other) for cell in cells[len(fixed):]]
+        return Scene(objects=objects, seed=self.rng.randrange(2**31))
+
+    def template(self, *options: str) -> str:
+        return self.pick(options)
+
+
+def _ref(obj: Obj, by: str) -> str:
+    return f"{obj.shape}" if by == "shape" else f"{obj.colour} object"
+
+
+def make_question(maker: _Maker, category: str) -> tuple[list[Scene], QA]:
+    """Build the scene(s) for one question of `category` about a pair from the maker's targets."""
+    rng, t = maker.rng, maker.template
+    colour, shape = maker.pick(maker.targets)
+    if category == "colour":
+        scene = maker.scene([(shape, colour, None)], lambda s, c: s != shape)
+        q = t(f"What colour is the {shape}?", f"Which colour does the {shape} have?")
+        return [scene], QA(category, q, colour)
+    if category == "shape":
+        scene = maker.scene([(shape, colour, None)], lambda s, c: c != colour)
+        q = t(f"What shape is the {colour} object?", f"Which shape is {colour}?")
+        return [scene], QA(category, q, shape)
+    if category in ("position", "size"):
+        by = maker.pick(("shape", "colour"))
+        accept = (lambda s, c: s != shape) if by == "shape" else (lambda s, c: c != colour)
+        scene = maker.scene([(shape, colour, None)], accept)
+        target = scene.objects[0]
+        ref = _ref(target, by)
+        if category == "position":
+            q = t(f"Where is the {ref}?", f"In which corner is the {ref}?")
+            return [scene], QA(category, q, CELLS[target.cell])
+        q = t(f"Is the {ref} small or large?", f"What size is the {ref}?")
+        return [scene], QA(category, q, target.size)
+    if category == "count":
+        # Compositional questions must be about a held-out object, so count at least one of it.
+        n = rng.randint(1 if maker.compositional else 0, len(CELLS))
+        scenes, noun, n = _count_scene(maker, colour, shape, n, "shape" if maker.compositional else None)
+        q = t(f"How many {noun} are there?", f"Count the {noun}.")
+        return scenes, QA(category, q, str(n))
+    if category == "existence":
+        present = rng.random() < 0.5
+        if present:
+            scene = maker.scene([(shape, colour, None)], lambda s, c: True)
+        else:  # a hard negative: another object shares exactly one of the two attributes
+            near_colour, near_shape = maker.pick(
+                [(c, s) for c, s in sorted(TRAIN_PAIRS) if (c == colour) != (s == shape)])
+            scene = maker.scene([(near_shape, near_colour, None)], lambda s, c: (c, s) != (colour, shape))
+        q = t(f"Is there a {colour} {shape}?", f"Does the image contain a {colour} {shape}?")
+        return [scene], QA(category, q, "yes" if present else "no")
+    if category == "text":
+        word_colour = maker.pick(COLOURS)
+        scene = Scene(word=maker.pick(WORDS), word_colour=word_colour, seed=rng.randrange(2**31))
+        q = t("What does the text say?", "What word is written in the image?")
+        return [scene], QA(category, q, scene.word)
+    if category == "compare":
+        n1, n2 = rng.sample(range(len(CELLS) + 1), 2)
+        by = maker.pick(("shape", "colour"))
+        first, noun, _ = _count_scene(maker, colour, shape, n1, by)
+        second, _, _ = _count_scene(maker, colour, shape, n2, by)
+        q = t(f"Which image has more {noun}?", f"Which of the two images shows more {noun}?")
+        return first + second, QA(category, q, "first" if n1 > n2 else "second")
+    raise ValueError(f"unknown category {category!r}")
+
+
+def _count_scene(maker: _Maker, colour: str, shape: str, n: int, by: str | None = None):
+    """A scene with exactly `n` objects of the counted kind (a shape, a colour, or any object)."""
+    by = by or maker.pick(("shape", "colour", "all"))
+    if by == "all":
+        n = max(n, 1)
+        return [maker.scene([], lambda s, c: True, n_total=n)], "objects", n
+    is_counted = (lambda s, c: s == shape) if by == "shape" else (lambda s, c: c == colour)
+    # The first counted object uses the target pair; the rest are any counted training pairs.
+    fixed = [(shape, colour, None)] if n else []
+    for _ in range(n - 1):
+        c, s = maker.pick([p for p in TRAIN_PAIRS if is_counted(p[1], p[0])])
+        fixed.append((s, c, None))
+    n_total = maker.rng.randint(max(n, 1), len(CELLS))
+    scene = maker.scene(fixed, lambda s, c: not is_counted(s, c), n_total=n_total)
+    noun = PLURALS[shape] if by == "shape" else f"{colour} objects"
+    return [scene], noun, n
+
+
+def scene_questions(maker: _Maker, scene: Scene) -> list[QA]:
+    """Every question the scene answers unambiguously (used for extra training turns)."""
+    if scene.word is not None:
+        return [QA("text", "What does the text say?", scene.word),
+                QA("colour", "What colour is the text?", scene.word_colour)]  # fmt: skip
+    out = []
+    for obj in scene.objects:
+        for by, key in (("shape", "shape"), ("colour", "colour")):
+            if sum(getattr(o, key) == getattr(obj, key) for o in scene.objects) != 1:
+                continue
+            ref = _ref(obj, by)
+            if by == "shape":
+                out.append(QA("colour", f"What colour is the {obj.shape}?", obj.colour))
+            else:
+                out.append(QA("shape", f"What shape is the {obj.colour} object?", obj.shape))
+            out.append(QA("position", f"Where is the {ref}?", CELLS[obj.cell]))
+            out.append(QA("size", f"Is the {ref} small or large?", obj.size))
+    shape = maker.pick(SHAPES)
+    colour = maker.pick(COLOURS)
+    out.append(QA("count", f"How many {PLURALS[shape]} are there?", str(scene.count(shape=shape))))
+    out.append(QA("count", f"How many {colour} objects are there?", str(scene.count(colour=colour))))
+    out.append(QA("count", "How many objects are there?", str(len(scene.objects))))
+    c, s = maker.pick(sorted(TRAIN_PAIRS))
+    out.append(QA("existence", f"Is there a {c} {s}?", "yes" if scene.count(s, c) else "no"))
+    return out
+
+
+def _image_refs(scenes, split: str, index: int) -> list[str]:
+    return [f"images/{split}/{index:06d}-{j}.png" for j in range(len(scenes))]
+
+
+def make_record(seed: int, split: str, index: int, turns: int = 1) -> tuple[dict, list[Scene]]:
+    """Record `index` of `split`, a pure function of its arguments."""
+    rng = random.Random(f"{seed}-{split}-{index}")
+    compositional = split == "compositional"
+    maker = _Maker(rng, HELD_OUT_PAIRS if compositional else TRAIN_PAIRS, compositional)
+    if split == "captions":
+        scenes = [_caption_scene(maker)]
+        conversations = [{"role": "user", "content": "<image>\n" + maker.pick(CAPTION_PROMPTS)},
+                         {"role": "assistant", "content": caption(scenes[0])}]  # fmt: skip
+        category = "caption"
+    else:
+        categories = [c for c in CATEGORIES if not (split == "compositional" and c == "text")]
+        category = categories[index % len(categories)]  # balanced over categories
+        scenes, qa = make_question(maker, category)
+        qas = [qa]
+        if turns > 1 and category != "compare":
+            extra = [q for q in scene_questions(maker, scenes[0]) if q.question != qa.question]
+            by_category: dict[str, list[QA]] = {}
+            for q in extra:
+                by_category.setdefault(q.category, []).append(q)
+            for cat in rng.sample(sorted(by_category), min(turns - 1, len(by_category))):
+                qas.append(rng.choice(by_category[cat]))
+            rng.shuffle(qas)
+        markers = "<image>\n" * len(scenes)
+        conversations = []
+        for i, q in enumerate(qas):
+            conversations.append({"role": "user", "content": (markers if i == 0 else "") + q.question})
+            conversations.append({"role": "assistant", "content": q.answer})
+    record = {"id": f"{split}-{index:06d}", "images": _image_refs(scenes, split, index),
+              "conversations": conversations, "category": category}  # fmt: skip
+    return record, scenes
+
+
+def _caption_scene(maker: _Maker) -> Scene:
+    if maker.rng.random() < 0.15:
+        return Scene(word=maker.pick(WORDS), word_colour=maker.pick(COLOURS), seed=maker.rng.randrange(2**31))
+    return maker.scene([], lambda s, c: True)
+
+
+def _write_chunk(args) -> list[dict]:
+    out_dir, seed, split, start, stop, turns, image_size = args
+    records = []
+    for index in range(start, stop):
+        record, scenes = make_record(seed, split, index, turns)
+        for ref, scene in zip(record["images"], scenes):
+            render(scene, image_size).save(out_dir / ref)
+        records.append(record)
+    return records
+
+
+def write_split(out_dir: Path, split: str, n: int, seed: int, turns: int = 1, image_size: int = 64,
+                workers: int | None = None, progress: bool = True) -> Path:
+    """Render `n` records of `split` into `out_dir/images/split/` and write `out_dir/split.jsonl` atomically."""
+    out_dir = Path(out_dir)
+    (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+    chunk = 256
+    jobs = [(out_dir, seed, split, s, min(s + chunk, n), turns, image_size) for s in range(0, n, chunk)]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    path = out_dir / f"{split}.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    bar = tqdm(total=n, desc=f"synth {split}", unit="rec", disable=not progress)
+    with tmp.open("w", encoding="utf-8") as handle:
+        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        results = pool.map(_write_chunk, jobs) if pool else map(_write_chunk, jobs)
+        for records in results:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+            bar.update(len(records))
+        if pool:
+            pool.shutdown()
+    bar.close()
+    tmp.replace(path)
+    return path
+
+
+DEFAULT_SIZES = {"train": 24000, "captions": 12000, "val": 400, "test": 1600, "compositional": 700}
+
+
+def synth(out_dir: Path, seed: int = 0, sizes: dict | None = None, turns: int = 5, image_size: int = 64,
+          workers: int | None = None, progress: bool = True) -> dict[str, Path]:
+    """Write every split of the built-in data set; returns split name -> JSONL path."""
+    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n in sizes.items():
+        if n > 0:
+            paths[split] = write_split(out_dir, split, n, seed, turns if split == "train" else 1, image_size,
+                                       workers, progress)  # fmt: skip
+    info = {"seed": seed, "image_size": image_size, "turns": turns, "sizes": sizes, "categories": CATEGORIES,
+            "held_out_pairs": sorted(HELD_OUT_PAIRS)}  # fmt: skip
+    (out_dir / "info.json").write_text(json.dumps(info, indent=2))
+    return paths

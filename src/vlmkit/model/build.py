@@ -1,0 +1,133 @@
+"""Compose a model and its processor from a `ModelConfig`.
+
+Three sources, mixable: a saved vlmkit model (`init_from`), local checkpoints of a vision
+encoder and a causal LM (`vision`, `lm`), or their configs with random weights. Nothing is
+downloaded: checkpoint paths must be local directories, and remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
+
+from vlmkit.config import ModelConfig
+from vlmkit.errors import ConfigError
+from vlmkit.model import vision
+from vlmkit.model.configuration import VLMConfig
+from vlmkit.model.modeling import VLMForConditionalGeneration
+from vlmkit.model.tokens import image_token_spec
+from vlmkit.processing.image_processing import CLIP_MEAN, CLIP_STD, VLMImageProcessor
+from vlmkit.processing.processor import VLMProcessor
+from vlmkit.processing.tokenizer_training import IMAGE_TOKEN, adapt_pretrained_tokenizer, train_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # SigLIP's normalisation, also used from scratch
+
+
+@dataclass
+class Built:
+    model: VLMForConditionalGeneration
+    processor: VLMProcessor
+    random_modules: frozenset[str]  # of "vision", "projector", "lm": those starting from random weights
+
+
+def _local_dir(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise ConfigError(f"model.{what} = {path!r} is not a local checkpoint directory with a config.json "
+                          "(vlmkit never downloads weights; point it at a saved checkpoint)")  # fmt: skip
+    return p
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_vision_tower(path: str, cfg: ModelConfig):
+    """A CLIP/SigLIP/SigLIP2 vision tower from a vision-only or a full (text+vision) checkpoint."""
+    directory = _local_dir(path, "vision")
+    config = AutoConfig.from_pretrained(directory)
+    config = getattr(config, "vision_config", config)  # full CLIP/SigLIP checkpoints hold a vision_config
+    vision.check_supported(config)
+    if hasattr(config, "vision_use_head"):
+        config.vision_use_head = False  # vlmkit takes patch features; the pooling head would go unused
+    model_class = MODEL_MAPPING[type(config)]
+    return model_class.from_pretrained(directory, config=config, dtype=_dtype(cfg.dtype), **_attention(cfg, config))
+
+
+def _attention(cfg: ModelConfig, vision_config) -> dict:
+    """The attention implementation to ask for; convolutional encoders have no attention to choose."""
+    return {} if vision.is_cnn(vision_config) else {"attn_implementation": cfg.attn_implementation}
+
+
+def _image_processor(cfg: ModelConfig, config: VLMConfig) -> VLMImageProcessor:
+    vision_config = config.vision_config
+    mean, std = HALF_MEAN_STD
+    if cfg.vision:
+        saved = Path(cfg.vision) / "preprocessor_config.json"
+        if saved.is_file():
+            data = json.loads(saved.read_text())
+            mean, std = data.get("image_mean", mean), data.get("image_std", std)
+        elif vision_config.model_type == "clip_vision_model":
+            mean, std = CLIP_MEAN, CLIP_STD
+    return VLMImageProcessor(size=vision.input_size(config), image_mean=mean, image_std=std,
+                             resize_mode=cfg.image_resize_mode)  # fmt: skip
+
+
+def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None = None, tokenizer=None) -> Built:
+    """Build (or load) the model and processor described by `cfg`.
+
+    With no LM checkpoint, `tokenizer` is used when given (a resumed run's), else a BPE
+    tokenizer is trained on `training_texts()`.
+    """
+    if cfg.init_from:
+        directory = _local_dir(cfg.init_from, "init_from")
+        model = VLMForConditionalGeneration.from_pretrained(directory, dtype=_dtype(cfg.dtype),
+                                                            attn_implementation=cfg.attn_implementation)  # fmt: skip
+        return Built(model, VLMProcessor.from_pretrained(directory), frozenset())
+
+    dtype, random = _dtype(cfg.dtype), {"projector"}
+    if cfg.vision:
+        tower = load_vision_tower(cfg.vision, cfg)
+    else:
+        vision_config = AutoConfig.for_model(**cfg.vision_config)
+        vision.check_supported(vision_config)
+        tower = AutoModel.from_config(vision_config, dtype=dtype, **_attention(cfg, vision_config))
+        random.add("vision")
+
+    if cfg.lm:
+        directory = _local_dir(cfg.lm, "lm")
+        tokenizer = adapt_pretrained_tokenizer(str(directory))
+        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+            lm.resize_token_embeddings(len(tokenizer))  # new rows start at the mean embedding
+    else:
+        if tokenizer is None and training_texts is None:
+            raise ConfigError("no model.lm checkpoint and no training data to train a tokenizer on; "
+                              "give data.train or model.lm")  # fmt: skip
+        tokenizer = tokenizer or train_tokenizer(training_texts(), cfg.vocab_size)
+        text_config = AutoConfig.for_model(**{**cfg.text_config, "vocab_size": len(tokenizer)})
+        lm = AutoModelForCausalLM.from_config(text_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        random.add("lm")
+
+    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "bos_token_id": tokenizer.bos_token_id}  # fmt: skip
+    for key, value in special.items():
+        setattr(lm.config, key, value)
+    config = VLMConfig(
+        vision_config=tower.config, text_config=lm.config, projector_type=cfg.projector,
+        projector_args=cfg.projector_args, vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_size=cfg.image_size,
+    )  # fmt: skip
+    model = VLMForConditionalGeneration(config, vision_tower=tower, language_model=lm).to(dtype)
+    model.generation_config = GenerationConfig(**special)
+    processor = VLMProcessor(_image_processor(cfg, config), tokenizer, image_token_spec=image_token_spec(config))
+    return Built(model, processor, frozenset(random))

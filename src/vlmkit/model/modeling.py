@@ -1,0 +1,136 @@
+"""`VLMForConditionalGeneration`: vision encoder -> projector -> causal LM, as one transformers model.
+
+The composition follows transformers' LLaVA: image features replace the `<image>`
+placeholder embeddings (masked_scatter), then the language model runs as usual. The LM is
+kept whole (`AutoModelForCausalLM`), so its own head, weight tying, loss and cache behave
+exactly as they do alone, and GenerationMixin drives decoding with its KV cache (pixel
+values are dropped after the prefill step by transformers itself).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from vlmkit.errors import ImageTokenMismatchError
+from vlmkit.model import vision
+from vlmkit.model.configuration import VLMConfig
+from vlmkit.model.projectors import build_projector
+from vlmkit.model.tokens import image_token_spec, num_image_tokens
+
+
+class VLMPreTrainedModel(PreTrainedModel):
+    config: VLMConfig
+    config_class = VLMConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
+    """A vision-language model; pass `vision_tower`/`language_model` to compose already-loaded parts."""
+
+    def __init__(self, config: VLMConfig, vision_tower: nn.Module | None = None, language_model: nn.Module | None = None):
+        super().__init__(config)
+        vision.check_supported(config.vision_config)
+        self.vision_tower = vision.prepare_tower(vision_tower or AutoModel.from_config(config.vision_config))
+        self.projector = build_projector(config)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # Embedding access is delegated so that resize_token_embeddings, PEFT and generation work.
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    @property
+    def tokens_per_crop(self) -> int:
+        return num_image_tokens(image_token_spec(self.config))
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Projected features of a batch of crops, flattened to (crops * tokens_per_crop, text_dim)."""
+        cfg = self.config
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        features = vision.encode(self.vision_tower, cfg, pixel_values)
+        projected = self.projector(features, vision.patch_grid(cfg))
+        if projected.shape[1] != self.tokens_per_crop:
+            raise ImageTokenMismatchError(
+                f"projector {cfg.projector_type!r} returned {projected.shape[1]} tokens per crop but "
+                f"num_image_tokens() says {self.tokens_per_crop}; the projector's output_tokens is wrong"
+            )
+        return projected.reshape(-1, projected.shape[-1])
+
+    def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values) -> torch.Tensor:
+        """Put the image features at the `<image>` placeholder positions, checking the counts agree."""
+        placeholders = input_ids == self.config.image_token_id
+        n_placeholders = int(placeholders.sum())
+        if pixel_values is None:
+            if n_placeholders:
+                raise ImageTokenMismatchError(
+                    f"the input has {n_placeholders} <image> placeholder tokens but no pixel_values were given"
+                )
+            return inputs_embeds
+        features = self.get_image_features(pixel_values)
+        if n_placeholders != features.shape[0]:
+            crops = pixel_values.shape[0]
+            raise ImageTokenMismatchError(
+                f"the input has {n_placeholders} <image> placeholder tokens but its {crops} image crop(s) give "
+                f"{features.shape[0]} features ({self.tokens_per_crop} per crop); build inputs with this model's "
+                "processor (it expands each <image> marker to the right count) and never truncate inside an image"
+            )
+        mask = placeholders.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        """Same contract as the LM's forward, plus `pixel_values` (crops, 3, H, W) for the `<image>` tokens.
+
+        Extra keyword arguments (such as the Trainer's `num_items_in_batch`, which makes the
+        loss a sum over the whole accumulation window divided by its supervised-token count)
+        go straight to the language model.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
+        elif pixel_values is not None:
+            raise ValueError("pixel_values need input_ids to find the <image> placeholders")
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+
+__all__ = ["VLMForConditionalGeneration", "VLMPreTrainedModel"]

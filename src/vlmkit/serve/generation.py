@@ -1,0 +1,116 @@
+"""Talking to a saved model: loading it for inference and streaming a reply (CLI, web UI and API share this).
+
+Decoding is transformers' `generate` with its KV cache; streaming uses its
+`TextIteratorStreamer`, with generation running in a worker thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+from transformers import TextIteratorStreamer
+
+from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.errors import ConfigError
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings; `do_sample=False` is greedy and ignores temperature/top_p/top_k."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def update(self, key: str, value: str) -> None:
+        """Set one field from text (as `:conf key=value` does), converting to the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        if key not in fields:
+            raise ConfigError(f"unknown setting {key!r}; known: {', '.join(fields)}")
+        kind = {"do_sample": bool, "seed": int}.get(key, type(getattr(self, key)))
+        try:
+            if kind is bool:
+                parsed = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}[value.lower()]
+            else:
+                parsed = None if key == "seed" and value.lower() == "none" else kind(value)
+        except (KeyError, ValueError):
+            raise ConfigError(f"setting {key} needs a {kind.__name__}, got {value!r}") from None
+        previous = getattr(self, key)
+        setattr(self, key, parsed)
+        try:
+            self.check()
+        except ConfigError:
+            setattr(self, key, previous)
+            raise
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be at least 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ConfigError("need temperature > 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                  "repetition_penalty": self.repetition_penalty}  # fmt: skip
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
+
+
+def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str | None = None):
+    """Model (eval mode) and processor from a saved vlmkit model directory."""
+    from vlmkit.model.build import DTYPES
+    from vlmkit.model.modeling import VLMForConditionalGeneration
+    from vlmkit.processing.processor import VLMProcessor
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"{model_dir} is not a saved vlmkit model (no config.json); train one with `vlmkit train`")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"dtype": DTYPES[dtype]} if dtype else {}
+    model = VLMForConditionalGeneration.from_pretrained(model_dir, **kwargs).to(device).eval()
+    return model, VLMProcessor.from_pretrained(model_dir)
+
+
+def with_image_markers(messages: list[dict], n_new_images: int) -> list[dict]:
+    """Put markers for `n_new_images` images at the start of the last user message (if it has none)."""
+    messages = [dict(m) for m in messages]
+    last = messages[-1]
+    if n_new_images and IMAGE_MARKER not in last["content"]:
+        last["content"] = (IMAGE_MARKER + "\n") * n_new_images + last["content"]
+    return messages
+
+
+def stream_reply(model, processor, messages: list[dict], images: list[Image.Image],
+                 settings: GenerationSettings) -> Iterator[str]:  # fmt: skip
+    """Yield the reply to `messages` piece by piece; `images` match the markers in the messages, in order."""
+    settings.check()
+    crops = [processor.image_processor.num_crops(image.size) for image in images]
+    ids = processor.encode_text(messages, crops, add_generation_prompt=True)["input_ids"][None]
+    pixel_values, _ = processor.pixel_values(images)
+    inputs = {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device)}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values.to(model.device)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    def work():
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)  # generate() samples with the global RNG
+        with torch.no_grad():
+            model.generate(**inputs, streamer=streamer, pad_token_id=processor.tokenizer.pad_token_id,
+                           **settings.generate_kwargs())  # fmt: skip
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()

@@ -1,0 +1,48 @@
+"""A training progress bar with loss, learning rate, tokens/s and ETA (tqdm), as a Trainer callback."""
+
+from __future__ import annotations
+
+import time
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+
+class ProgressBar(TrainerCallback):
+    """Replaces the Trainer's bar: one line that keeps the latest loss and throughput in view."""
+
+    def __init__(self):
+        self.bar = None
+        self.last_time = self.last_tokens = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)  # fmt: skip
+        self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        postfix = {}
+        if "loss" in logs:
+            postfix["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            postfix["lr"] = f"{logs['learning_rate']:.2e}"
+        if "eval_loss" in logs:
+            postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
+        if tokens and now > self.last_time:
+            # The Trainer sums the count over all processes, so this is the whole job's rate.
+            postfix["tok/s"] = f"{(tokens - self.last_tokens) / (now - self.last_time):,.0f}"
+            self.last_time, self.last_tokens = now, tokens
+        self.bar.set_postfix(postfix, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,120 @@
+"""`vlmkit train`: one training stage, read top to bottom -- set up, build, train, save.
+
+The model directory it writes (config, safetensors weights, processor, the run's config)
+loads with `vlmkit eval/chat` and with transformers' Auto classes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from transformers import AutoTokenizer, ProgressCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmkit.config import LearningRates, RunConfig, to_yaml
+from vlmkit.data.dataset import Collator, ConversationDataset
+from vlmkit.data.records import IMAGE_MARKER, read_records
+from vlmkit.errors import ConfigError
+from vlmkit.model.build import build
+from vlmkit.train.progress import ProgressBar
+from vlmkit.train.trainer import VLMTrainer, apply_learning_rates
+
+CONFIG_FILE = "vlmkit_run.yaml"
+SUMMARY_FILE = "train_summary.json"
+
+
+def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> TrainingArguments:
+    t = cfg.train
+    eval_every = t.eval_steps if t.eval_steps > 0 else None
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=max(vars(rates).values()),  # nominal: each module's group carries its own rate
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup,
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy=("steps" if eval_every else "no") if has_eval else "no",
+        eval_steps=eval_every,
+        bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        report_to=t.report_to,
+        dataloader_num_workers=cfg.data.num_workers,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+
+
+def _texts(records) -> list[str]:
+    return [turn["content"].replace(IMAGE_MARKER, "") for r in records for turn in r.conversations]
+
+
+def run(cfg: RunConfig, log=print) -> Path:
+    """Train one stage as configured; returns the directory of the saved model."""
+    if not cfg.data.train:
+        raise ConfigError("no training data: give --train-data or data.train")
+    out = Path(cfg.train.output_dir)
+    set_seed(cfg.train.seed)
+    log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
+
+    # Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
+    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
+    if cfg.train.resume and checkpoint is None:
+        log(f"no checkpoint in {out}; starting from the beginning")
+    records, bad_lines = read_records(cfg.data.train, skip_bad=cfg.data.skip_bad)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
+    built = build(cfg.model, training_texts=lambda: _texts(records), tokenizer=tokenizer)
+    model, processor = built.model, built.processor
+    rates = cfg.train.learning_rates(built.random_modules)
+    trainable = apply_learning_rates(model, rates)
+    log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
+
+    kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels}
+    train_set = ConversationDataset(records, processor, **kwargs)
+    train_set.skipped = bad_lines + train_set.skipped
+    eval_set = ConversationDataset.from_jsonl(cfg.data.eval, processor, **kwargs) if cfg.data.eval else None
+
+    trainer = VLMTrainer(
+        model=model,
+        args=training_arguments(cfg, rates, eval_set is not None),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        learning_rates=rates,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - start
+    metrics = dict(result.metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+
+    trainer.save_model(str(out))  # weights (safetensors), config and processor
+    if trainer.is_world_process_zero():
+        (out / CONFIG_FILE).write_text(to_yaml(cfg))
+        skipped = train_set.skipped + (eval_set.skipped if eval_set else [])
+        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step,
+                   "n_params": sum(p.numel() for p in model.parameters()), "n_train": len(train_set),
+                   "skipped_records": len(skipped), "metrics": metrics}  # fmt: skip
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        if skipped:
+            log(f"skipped {len(skipped)} bad record(s) (--skip-bad); the first: {skipped[0]}")
+        log(f"saved model to {out} ({summary['steps']} steps in {train_seconds:.0f}s)")
+    return out

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+
+from vlmkit.data.records import normalise, read_records, write_records
+from vlmkit.errors import DataError
+
+
+def write_lines(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_native_record_resolves_images_relative_to_the_file(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [{"id": "a", "images": ["img/1.png"], "category": "colour",
+                                               "conversations": [{"role": "user", "content": "<image>\nQ?"},
+                                                                 {"role": "assistant", "content": "red"}]}])  # fmt: skip
+    (record,), skipped = read_records(path)
+    assert skipped == []
+    assert record.images == [str(tmp_path / "img/1.png")]
+    assert record.category == "colour" and record.line == 1
+
+
+def test_llava_record_is_converted():
+    raw = {"id": 7, "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                        {"from": "gpt", "value": "a cat"}]}  # fmt: skip
+    record = normalise(raw, base_dir=__import__("pathlib").Path("/data"))
+    assert record.id == "7"
+    assert record.images == ["/data/x.jpg"]
+    assert [t["role"] for t in record.conversations] == ["user", "assistant"]
+
+
+def test_markers_are_added_before_the_first_user_turn_when_missing():
+    raw = {"images": ["a.png", "b.png"], "conversations": [{"role": "system", "content": "Be brief."},
+                                                           {"role": "user", "content": "Compare."},
+                                                           {"role": "assistant", "content": "first"}]}  # fmt: skip
+    record = normalise(raw, base_dir=__import__("pathlib").Path("."))
+    assert record.conversations[1]["content"] == "<image>\n<image>\nCompare."
+    assert record.conversations[0]["content"] == "Be brief."
+
+
+@pytest.mark.parametrize(
+    "raw, problem",
+    [
+        ({"images": ["a.png"], "conversations": [{"role": "user", "content": "<image><image>"},
+                                                 {"role": "assistant", "content": "x"}]}, "2 <image> marker(s) but 1"),
+        ({"conversations": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        ({"conversations": [{"role": "robot", "content": "hi"}]}, "no valid role"),
+        ({"conversations": "hello"}, "non-empty list"),
+        ({"images": [3], "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+         "list of non-empty path strings"),
+    ],
+)  # fmt: skip
+def test_bad_records_name_file_line_and_problem(tmp_path, raw, problem):
+    path = write_lines(tmp_path / "bad.jsonl", [raw])
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert problem in str(err.value)
+    assert f"{path}:1" in str(err.value)
+
+
+def test_malformed_json_line_is_reported_with_its_line_number(tmp_path):
+    good = {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = write_lines(tmp_path / "d.jsonl", [good, "{not json", good])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: malformed JSON"):
+        read_records(path)
+
+
+def test_skip_bad_leaves_out_and_returns_the_bad_lines(tmp_path):
+    good = {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = write_lines(tmp_path / "d.jsonl", [good, "{not json", {**good, "id": "x"}, {"conversations": []}])
+    records, skipped = read_records(path, skip_bad=True)
+    assert len(records) == 2
+    assert [e.line for e in skipped] == [2, 4]
+
+
+def test_duplicate_ids_are_rejected(tmp_path):
+    good = {"id": "same", "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = write_lines(tmp_path / "d.jsonl", [good, good])
+    with pytest.raises(DataError, match="duplicate id"):
+        read_records(path)
+
+
+def test_write_then_read_round_trips(tmp_path):
+    raw = {"id": "r1", "images": ["img/1.png"], "category": "count", "conversations": [
+        {"role": "user", "content": "<image>\nHow many?"}, {"role": "assistant", "content": "2"}]}  # fmt: skip
+    original = normalise(raw, tmp_path, tmp_path / "in.jsonl", 1)
+    write_records(tmp_path / "out.jsonl", [original])
+    (again,), _ = read_records(tmp_path / "out.jsonl")
+    assert (again.id, again.images, again.conversations, again.category) == (
+        original.id, original.images, original.conversations, original.category)  # fmt: skip

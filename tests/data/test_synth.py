@@ -1,0 +1,99 @@
+import json
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from vlmkit.data.scenes import CELLS, COLOURS, SHAPES, render
+from vlmkit.data.synth import CATEGORIES, HELD_OUT_PAIRS, TRAIN_PAIRS, make_record, synth
+
+
+def test_each_colour_and_shape_stays_in_training_while_pairs_are_held_out():
+    assert {c for c, _ in TRAIN_PAIRS} == set(COLOURS)
+    assert {s for _, s in TRAIN_PAIRS} == set(SHAPES)
+    assert not HELD_OUT_PAIRS & TRAIN_PAIRS
+
+
+def test_records_are_a_pure_function_of_seed_split_and_index():
+    a, scenes_a = make_record(3, "train", 17, turns=4)
+    b, scenes_b = make_record(3, "train", 17, turns=4)
+    assert a == b
+    assert render(scenes_a[0]).tobytes() == render(scenes_b[0]).tobytes()
+    assert make_record(4, "train", 17, turns=4)[0] != a
+
+
+@pytest.mark.parametrize("split", ["train", "captions", "val", "test"])
+def test_held_out_pairs_never_appear_in_non_compositional_scenes(split):
+    for index in range(300):
+        _, scenes = make_record(0, split, index, turns=3)
+        for scene in scenes:
+            assert not {o.pair for o in scene.objects} & HELD_OUT_PAIRS
+
+
+def test_compositional_questions_are_about_held_out_objects():
+    for index in range(140):
+        record, scenes = make_record(0, "compositional", index)
+        question = record["conversations"][0]["content"]
+        if record["category"] == "existence" and record["conversations"][1]["content"] == "no":
+            assert any(f"{c} {s}" in question for c, s in HELD_OUT_PAIRS)
+        else:
+            assert any(o.pair in HELD_OUT_PAIRS for scene in scenes for o in scene.objects), question
+
+
+def _answer_from_scene(question: str, scenes) -> str | None:
+    """An independent reading of the question against the scene, for the simple templates."""
+    scene = scenes[0]
+    for shape in SHAPES:
+        if question in (f"What colour is the {shape}?", f"Which colour does the {shape} have?"):
+            (obj,) = [o for o in scene.objects if o.shape == shape]
+            return obj.colour
+        if question in (f"Where is the {shape}?", f"In which corner is the {shape}?"):
+            (obj,) = [o for o in scene.objects if o.shape == shape]
+            return CELLS[obj.cell]
+    for colour in COLOURS:
+        if question in (f"What shape is the {colour} object?", f"Which shape is {colour}?"):
+            (obj,) = [o for o in scene.objects if o.colour == colour]
+            return obj.shape
+        for shape in SHAPES:
+            if question in (f"Is there a {colour} {shape}?", f"Does the image contain a {colour} {shape}?"):
+                return "yes" if scene.count(shape, colour) else "no"
+    if question in ("How many objects are there?", "Count the objects."):
+        return str(len(scene.objects))
+    return None
+
+
+def test_answers_agree_with_the_scenes():
+    checked = 0
+    for split in ("train", "test", "compositional"):
+        for index in range(200):
+            record, scenes = make_record(1, split, index, turns=4)
+            turns = record["conversations"]
+            for q, a in zip(turns[::2], turns[1::2]):
+                expected = _answer_from_scene(q["content"].replace("<image>\n", ""), scenes)
+                if expected is not None:
+                    assert expected == a["content"], (record["id"], q["content"])
+                    checked += 1
+    assert checked > 300
+
+
+def test_test_split_is_balanced_over_categories_and_answers():
+    categories, answers = Counter(), {}
+    for index in range(800):
+        record, _ = make_record(0, "test", index)
+        categories[record["category"]] += 1
+        answers.setdefault(record["category"], Counter())[record["conversations"][1]["content"]] += 1
+    assert set(categories) == set(CATEGORIES) and max(categories.values()) - min(categories.values()) <= 1
+    for category in ("colour", "shape", "position", "size", "existence", "compare"):
+        top_share = answers[category].most_common(1)[0][1] / categories[category]
+        assert top_share < 0.6, (category, answers[category])
+
+
+def test_synth_writes_every_split_with_readable_images(synth_dir):
+    info = json.loads((synth_dir / "info.json").read_text())
+    assert info["sizes"]["train"] == 48
+    for split in ("train", "captions", "val", "test", "compositional"):
+        lines = (synth_dir / f"{split}.jsonl").read_text().splitlines()
+        assert len(lines) == info["sizes"][split]
+        record = json.loads(lines[-1])
+        for image in record["images"]:
+            assert Image.open(synth_dir / image).size == (32, 32)
