@@ -39,6 +39,13 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: VLMConfig, vision_tower: nn.Module | None = None, language_model: nn.Module | None = None):
         super().__init__(config)
         vision.check_supported(config.vision_config)
+        # A composite config created without attn_implementation pushes None down to its
+        # sub-configs, and an LM whose attention implementation is None silently attends
+        # both ways (no causal mask). Pin it so the LM stays causal however it was built.
+        for part, sub_config in ((language_model, config.text_config), (vision_tower, config.vision_config)):
+            sub_config = part.config if part is not None else sub_config
+            if sub_config._attn_implementation is None and not vision.is_cnn(sub_config):
+                sub_config._attn_implementation = config._attn_implementation or "sdpa"
         self.vision_tower = vision.prepare_tower(vision_tower or AutoModel.from_config(config.vision_config))
         self.projector = build_projector(config)
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)

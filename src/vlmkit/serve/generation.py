@@ -103,14 +103,22 @@ def stream_reply(model, processor, messages: list[dict], images: list[Image.Imag
         inputs["pixel_values"] = pixel_values.to(model.device)
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
+    failure: list[BaseException] = []
+
     def work():
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)  # generate() samples with the global RNG
-        with torch.no_grad():
-            model.generate(**inputs, streamer=streamer, pad_token_id=processor.tokenizer.pad_token_id,
-                           **settings.generate_kwargs())  # fmt: skip
+        try:
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)  # generate() samples with the global RNG
+            with torch.no_grad():
+                model.generate(**inputs, streamer=streamer, pad_token_id=processor.tokenizer.pad_token_id,
+                               **settings.generate_kwargs())  # fmt: skip
+        except BaseException as err:  # noqa: BLE001 -- handed to the caller below
+            failure.append(err)
+            streamer.end()  # otherwise the consumer would wait forever for more text
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     yield from streamer
     thread.join()
+    if failure:
+        raise failure[0]

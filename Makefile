@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the tests).
+# Both create .venv first when it is missing. torch is installed on its own, pinned, before
+# everything else is installed with that pin as a constraint: an unpinned torch would pull
+# several GB of CUDA packages. GPU users: see "Installing on a GPU machine" in the README.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo demo-quick test test-slow test-all bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vlmkit demo --out runs/demo --data data/synth
+
+demo-quick: $(STAMP)
+	$(BIN)/vlmkit demo --out runs/demo-quick --data data/synth-quick --quick
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf runs data/synth data/synth-quick

@@ -1,0 +1,51 @@
+"""Config loading: the shipped tiny recipe equals the defaults; overrides are typed and checked."""
+
+import dataclasses
+
+import pytest
+
+from vlmkit.config import RunConfig, load_config
+from vlmkit.demo import recipe
+from vlmkit.errors import ConfigError
+
+
+def test_tiny_recipe_equals_the_defaults():
+    assert dataclasses.asdict(load_config(recipe("tiny"))) == dataclasses.asdict(RunConfig())
+
+
+@pytest.mark.parametrize("name", ["demo-align", "demo-sft"])
+def test_demo_recipes_load(name):
+    cfg = load_config(recipe(name))
+    assert cfg.data.train and cfg.train.max_steps > 0
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.lr.lm=1e-4", "train.batch_size=4", "train.warmup=10", "model.projector=linear"])
+    assert cfg.train.lr.lm == 1e-4 and cfg.train.batch_size == 4 and cfg.train.warmup == 10.0
+    assert cfg.model.projector == "linear"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("train.batch_size=four", "train.batch_size"), ("train.nonsense=1", "unknown key"),
+     ("train.stage=pretrain", "train.stage"), ("novalue", "section.key=value")],
+)  # fmt: skip
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_sub_config_of_another_model_type_replaces_the_default():
+    cfg = load_config(None, ["model.text_config={model_type: qwen2, hidden_size: 64}"])
+    assert cfg.model.text_config == {"model_type": "qwen2", "hidden_size": 64}
+    same_type = load_config(None, ["model.text_config.hidden_size=64"])
+    assert same_type.model.text_config["num_hidden_layers"] == RunConfig().model.text_config["num_hidden_layers"]
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
