@@ -30,7 +30,8 @@ def synth_dir(tmp_path_factory):
 def tiny_model_config(**overrides):
     from vlmkit.config import ModelConfig
 
-    return ModelConfig(vision_config=dict(TEST_VISION), text_config=dict(TEST_TEXT), vocab_size=400, **overrides)
+    return ModelConfig(**{"vision_config": dict(TEST_VISION), "text_config": dict(TEST_TEXT), "vocab_size": 400,
+                          **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,8 @@ def _train_stage(name: str, data: Path, out: Path, init_from: Path | None, quick
     overrides += [f"model.init_from={init_from}"] if init_from else []
     overrides += QUICK_OVERRIDES if quick else []
     cfg = load_config(recipe(f"demo-{name}"), overrides)
-    cfg.data.train = str(data / Path(cfg.data.train).name)  # recipes name the split file only
+    splits = [cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train
+    cfg.data.train = [str(data / Path(split).name) for split in splits]  # recipes name split files only
     run(cfg)
     return json.loads((out / SUMMARY_FILE).read_text())
 

@@ -84,3 +84,40 @@ def test_placeholder_count_mismatch_raises_a_clear_error(tiny):
 def test_unused_encoder_parts_are_frozen(tiny):
     frozen = [n for n, p in tiny.model.named_parameters() if not p.requires_grad]
     assert frozen and all("post_layernorm" in n or ".head." in n for n in frozen)
+
+
+@pytest.mark.parametrize("vision_config", [None, {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [8, 16],
+                                                  "depths": [1, 1], "groups_width": 8, "layer_type": "y"}])  # fmt: skip
+def test_composed_language_model_stays_causal(train_records, vision_config):
+    """Regression: a composite config made without attn_implementation once left the LM with
+    none, and it silently attended to later tokens (training loss fell to ~0, eval was chance)."""
+    from vlmkit.model.build import build
+    from vlmkit.train.run import _texts
+    from tests.conftest import tiny_model_config  # noqa: I001 -- the shared tiny config
+
+    extra = {"vision_config": vision_config, "image_size": 32} if vision_config else {}
+    model = build(tiny_model_config(**extra), training_texts=lambda: _texts(train_records)).model.eval()
+    ids = torch.randint(10, 300, (1, 12))
+    changed = ids.clone()
+    changed[0, 8] = 5
+    with torch.no_grad():
+        before, after = model(input_ids=ids).logits, model(input_ids=changed).logits
+    assert torch.equal(before[0, :8], after[0, :8]), "earlier positions must not see later tokens"
+    assert not torch.equal(before[0, 8:], after[0, 8:])
+
+
+def test_init_from_a_saved_cnn_model_gives_identical_logits(train_records, tmp_path):
+    """`model.init_from` (the align -> SFT hand-over) must load every tower type, CNNs included."""
+    from vlmkit.model.build import build
+    from vlmkit.train.run import _texts
+    from tests.conftest import tiny_model_config  # noqa: I001
+
+    regnet = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
+              "groups_width": 8, "layer_type": "y"}  # fmt: skip
+    built = build(tiny_model_config(vision_config=regnet, image_size=32), training_texts=lambda: _texts(train_records))
+    built.model.eval().save_pretrained(tmp_path)
+    built.processor.save_pretrained(tmp_path)
+    again = build(tiny_model_config(init_from=str(tmp_path)))
+    inputs = _prompt_inputs(again.processor)
+    with torch.no_grad():
+        assert torch.equal(built.model(**inputs).logits, again.model.eval()(**inputs).logits)

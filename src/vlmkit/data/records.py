@@ -120,7 +120,7 @@ def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict | DataError]]:
             if not text.strip():
                 continue
             try:
-                yield line_no, json.loads(text)
+                yield line_no, json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 yield line_no, DataError(f"malformed JSON ({err.msg} at column {err.colno})", path, line_no)
 

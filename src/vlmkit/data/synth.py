@@ -6,7 +6,7 @@ that has it, so every category's answers are close to uniform and "always answer
 common answer" stays a weak baseline. Splits:
 
 - train: one image (or two, for compare) with several question turns, for SFT;
-- captions: one image with a full description, for the alignment stage;
+- captions: one image with a full description (prose, or a terse fact list), for the alignment stage;
 - val, test: one question per record, balanced over categories;
 - compositional: like test, but every question is about an object whose colour-shape pair
   never appears in the train, captions, val or test scenes (each colour and each shape does).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vlmkit.data.scenes import CELLS, COLOURS, PLURALS, SHAPES, SIZES, WORDS, Obj, Scene, caption, render
+from vlmkit.data.scenes import CELLS, COLOURS, PLURALS, SHAPES, SIZES, WORDS, Obj, Scene, caption, fact_list, render
 
 CATEGORIES = ("colour", "shape", "count", "position", "size", "existence", "text", "compare")
 # One held-out pair per colour; each shape keeps at least three colours in training.
@@ -36,6 +36,7 @@ HELD_OUT_PAIRS = frozenset(
 )  # fmt: skip
 ALL_PAIRS = frozenset((c, s) for c in COLOURS for s in SHAPES)
 TRAIN_PAIRS = ALL_PAIRS - HELD_OUT_PAIRS
+FACTS_PROMPT = "List the objects."
 CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Give a short description of the image.")
 
 
@@ -186,8 +187,10 @@ def make_record(seed: int, split: str, index: int, turns: int = 1) -> tuple[dict
     maker = _Maker(rng, HELD_OUT_PAIRS if compositional else TRAIN_PAIRS, compositional)
     if split == "captions":
         scenes = [_caption_scene(maker)]
-        conversations = [{"role": "user", "content": "<image>\n" + maker.pick(CAPTION_PROMPTS)},
-                         {"role": "assistant", "content": caption(scenes[0])}]  # fmt: skip
+        # Half prose, half fact lists; never both in one record, or the second would be copied from the first.
+        prompt, text = ((FACTS_PROMPT, fact_list(scenes[0], rng)) if rng.random() < 0.5
+                        else (maker.pick(CAPTION_PROMPTS), caption(scenes[0])))  # fmt: skip
+        conversations = [{"role": "user", "content": "<image>\n" + prompt}, {"role": "assistant", "content": text}]
         category = "caption"
     else:
         categories = [c for c in CATEGORIES if not (split == "compositional" and c == "text")]

@@ -62,6 +62,15 @@ def load_vision_tower(path: str, cfg: ModelConfig):
     return model_class.from_pretrained(directory, config=config, dtype=_dtype(cfg.dtype), **_attention(cfg, config))
 
 
+def _config_from_dict(values: dict, field: str):
+    if "model_type" not in values:
+        raise ConfigError(f"model.{field} needs a model_type (e.g. llama, qwen2, clip_vision_model, regnet)")
+    try:
+        return AutoConfig.for_model(**values)
+    except (ValueError, TypeError) as err:  # transformers validates configs as it builds them
+        raise ConfigError(f"model.{field} is not a valid {values['model_type']} config: {err}") from None
+
+
 def _attention(cfg: ModelConfig, vision_config) -> dict:
     """The attention implementation to ask for; convolutional encoders have no attention to choose."""
     return {} if vision.is_cnn(vision_config) else {"attn_implementation": cfg.attn_implementation}
@@ -89,15 +98,20 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
     """
     if cfg.init_from:
         directory = _local_dir(cfg.init_from, "init_from")
+        saved = VLMConfig.from_pretrained(directory)
+        # Per sub-model: a CNN tower accepts only "eager" (it has no attention to implement).
+        vision_attention = "eager" if vision.is_cnn(saved.vision_config) else cfg.attn_implementation
+        attention = {"": cfg.attn_implementation, "text_config": cfg.attn_implementation,
+                     "vision_config": vision_attention}  # fmt: skip
         model = VLMForConditionalGeneration.from_pretrained(directory, dtype=_dtype(cfg.dtype),
-                                                            attn_implementation=cfg.attn_implementation)  # fmt: skip
+                                                            attn_implementation=attention)  # fmt: skip
         return Built(model, VLMProcessor.from_pretrained(directory), frozenset())
 
     dtype, random = _dtype(cfg.dtype), {"projector"}
     if cfg.vision:
         tower = load_vision_tower(cfg.vision, cfg)
     else:
-        vision_config = AutoConfig.for_model(**cfg.vision_config)
+        vision_config = _config_from_dict(cfg.vision_config, "vision_config")
         vision.check_supported(vision_config)
         tower = AutoModel.from_config(vision_config, dtype=dtype, **_attention(cfg, vision_config))
         random.add("vision")
@@ -113,7 +127,7 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
             raise ConfigError("no model.lm checkpoint and no training data to train a tokenizer on; "
                               "give data.train or model.lm")  # fmt: skip
         tokenizer = tokenizer or train_tokenizer(training_texts(), cfg.vocab_size)
-        text_config = AutoConfig.for_model(**{**cfg.text_config, "vocab_size": len(tokenizer)})
+        text_config = _config_from_dict({**cfg.text_config, "vocab_size": len(tokenizer)}, "text_config")
         lm = AutoModelForCausalLM.from_config(text_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
         random.add("lm")
 

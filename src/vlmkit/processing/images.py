@@ -37,7 +37,11 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     if min(width, height) < min_side:
         raise DataError(f"image is {width}x{height}; each side must be at least {min_side} pixels", name)
     if not decode:
-        return image
+        try:  # checks structure and checksums without decoding pixels; catches truncated files early
+            image.verify()
+        except Exception as err:  # noqa: BLE001 -- PIL raises many types here, all meaning "corrupt"
+            raise DataError(f"image data is corrupt or truncated ({err})", name) from None
+        return image  # verified: size and mode stay readable, pixels must be reopened to decode
     try:
         image.load()
         return image.convert("RGB")
