@@ -23,8 +23,28 @@ def _data_synth(args) -> None:
         print(f"{split}: {path}")
 
 
-def _train(args) -> None:
+def _data_import(args) -> None:
+    from vlmkit.data.importers import import_records
+
+    options = {"captions": Path(args.captions)} if args.captions else {}
+    records = import_records(args.source_format, Path(args.source), Path(args.out), images=args.images, **options)
+    print(f"wrote {len(records)} records to {args.out}")
+
+
+def _data_preferences(args) -> None:
+    from vlmkit.data.preferences import make_preferences, write_preferences
+    from vlmkit.data.records import read_records
+
+    preferences = make_preferences(read_records(args.source)[0], seed=args.seed)
+    write_preferences(args.out, preferences)
+    print(f"wrote {len(preferences)} preference records to {args.out}")
+
+
+def _train(args, stage: str | None = None) -> None:
+    import os
+
     from vlmkit.config import load_config
+    from vlmkit.train.dpo_run import run_dpo
     from vlmkit.train.run import run
 
     overrides = list(args.set or [])
@@ -36,7 +56,11 @@ def _train(args) -> None:
         overrides.append("data.skip_bad=true")
     if args.resume:
         overrides.append("train.resume=true")
-    run(load_config(args.config, overrides))
+    if stage:
+        overrides.append(f"train.stage={stage}")
+    cfg = load_config(args.config, overrides)
+    log = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)  # under torchrun, one process reports
+    (run_dpo if cfg.train.stage == "dpo" else run)(cfg, log=log)
 
 
 def _eval(args) -> None:
@@ -55,20 +79,42 @@ def _eval(args) -> None:
     print(f"wrote {output} and {predictions}" + (f"; skipped {len(skipped)} bad line(s)" if skipped else ""))
 
 
+def _inference_model(args):
+    """Model and processor from `--model` (a chat model or a retriever), int8-quantised if `--quantize int8`."""
+    from vlmkit.serve.generation import load_for_inference
+    from vlmkit.serve.page_search import is_retriever
+    from vlmkit.serve.quantize import quantize
+
+    device = "cpu" if args.quantize else None
+    if is_retriever(args.model):
+        from vlmkit.eval.retrieval import load_retriever
+
+        model, processor = load_retriever(args.model, device=device)
+    else:
+        model, processor = load_for_inference(args.model, device=device)
+    return quantize(model, args.quantize), processor
+
+
 def _chat(args) -> None:
+    from vlmkit.errors import ConfigError
     from vlmkit.processing.images import open_image
-    from vlmkit.serve.generation import GenerationSettings, load_for_inference, stream_reply, with_image_markers
+    from vlmkit.serve.generation import GenerationSettings, stream_reply, with_image_markers
+    from vlmkit.serve.page_search import is_retriever
+
+    if is_retriever(args.model):
+        raise ConfigError(f"{args.model} is a retriever, which cannot chat; search pages with it through "
+                          "`vlmkit web --model DIR --docs STORE` or `vlmkit retriever search`")  # fmt: skip
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
     settings.check()
     images = [open_image(p) for p in args.image or []]
-    model, processor = load_for_inference(args.model)
+    model, processor = _inference_model(args)
     if args.prompt is None:
         from vlmkit.serve.chat_cli import interactive
 
-        interactive(model, processor, images, settings, image_paths=args.image or [])
+        interactive(model, processor, settings, images, image_paths=args.image or [])
         return
     messages = with_image_markers([{"role": "user", "content": args.prompt}], len(images))
     for piece in stream_reply(model, processor, messages, images, settings):
@@ -76,10 +122,157 @@ def _chat(args) -> None:
     print()
 
 
+def _web(args) -> None:
+    from vlmkit.errors import ConfigError
+    from vlmkit.eval.retrieval import load_retriever
+    from vlmkit.serve.page_search import PageSearch, is_retriever
+    from vlmkit.serve.web import launch
+
+    model, processor = _inference_model(args)
+    if is_retriever(args.model):
+        chat, retriever = (None, None), (model, processor)
+    else:
+        chat, retriever = (model, processor), load_retriever(args.retriever, "cpu") if args.retriever else None
+    if retriever and not args.docs:
+        raise ConfigError("the Retrieval tab needs --docs, the page store to search")
+    if not retriever and (args.docs or args.index):
+        raise ConfigError("--docs and --index need a retriever: --model RETRIEVER or --retriever DIR")
+    search = PageSearch(*retriever, args.docs, args.index) if retriever else None
+    launch(Path(args.model).resolve().name, *chat, search=search, host=args.host, port=args.port)
+
+
+def _serve(args) -> None:
+    import os
+
+    from vlmkit.serve.api import create_app, run_server
+
+    model, processor = _inference_model(args)
+    api_key = args.api_key or os.environ.get("VLMKIT_API_KEY")
+    name = args.served_model_name or Path(args.model).resolve().name
+    run_server(create_app(model, processor, name, api_key=api_key), host=args.host, port=args.port)
+
+
+def _export(args) -> None:
+    from vlmkit.export.llava import export_llava
+
+    export_llava(args.model, args.out)
+    print(f"wrote {args.out}: loads with transformers' LlavaForConditionalGeneration and AutoProcessor")
+
+
 def _demo(args) -> None:
     from vlmkit.demo import run_demo
 
     run_demo(Path(args.out), Path(args.data), quick=args.quick)
+
+
+def _docs_synth(args) -> None:
+    from vlmkit.data.synth_docs import synth_docs
+
+    paths = synth_docs(Path(args.out), n_train=args.train, n_test=args.test, queries_per_page=args.queries_per_page,
+                       seed=args.seed, size=args.size)  # fmt: skip
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def _docs_render(args) -> None:
+    from vlmkit.data.pdf import render_to_store
+
+    report = render_to_store(args.inputs, args.out, dpi=args.dpi, min_side=args.min_side, workers=args.workers)
+    print(report.summary())
+
+
+def _docs_add_images(args) -> None:
+    from vlmkit.data.pdf import add_images
+
+    print(add_images(args.inputs, args.out).summary())
+
+
+def _docs_gen_queries(args) -> None:
+    from vlmkit.data.page_store import PageStore
+    from vlmkit.data.queries import generate_queries
+    from vlmkit.serve.generation import load_for_inference
+
+    model, processor = load_for_inference(args.model)
+    written, empty = generate_queries(model, processor, PageStore(args.docs), args.out, args.prompt,
+                                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)  # fmt: skip
+    print(f"wrote {written} queries to {args.out}" + (f"; {empty} empty replies (re-run to retry)" if empty else ""))
+
+
+def _docs_filter_queries(args) -> None:
+    from vlmkit.data.queries import filter_queries
+    from vlmkit.serve.generation import load_for_inference
+
+    model, processor = load_for_inference(args.model)
+    kept, dropped = filter_queries(model, processor, args.queries, args.out, args.prompt,
+                                   batch_size=args.batch_size, threshold=args.threshold)  # fmt: skip
+    print(f"kept {kept}, dropped {dropped}; decisions in {args.out}")
+
+
+def _docs_make_pairs(args) -> None:
+    from vlmkit.data.queries import make_pairs
+
+    for name, path in make_pairs(args.queries, args.out, args.test_fraction, args.seed).items():
+        print(f"{name}: {path}")
+
+
+def _retriever_train(args) -> None:
+    from vlmkit.train.retrieval import load_retriever_config, run
+
+    overrides = list(args.set or [])
+    for flag, key in (("train_data", "data.train"), ("docs", "data.docs"), ("output_dir", "train.output_dir"),
+                      ("max_steps", "train.max_steps"), ("seed", "train.seed"),
+                      ("grad_cache_micro_batch_size", "retrieval.grad_cache_micro_batch_size")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
+    if args.grad_cache:
+        overrides.append("retrieval.grad_cache=true")
+    run(load_retriever_config(args.config, overrides))
+
+
+def _retriever_index(args) -> None:
+    import torch.distributed as dist
+
+    from vlmkit.data.page_store import PageStore
+    from vlmkit.eval.retrieval import build_index, init_distributed, load_retriever, save_index
+
+    init_distributed()
+    model, processor = load_retriever(args.model)
+    ids, embeddings = build_index(model, processor, PageStore(args.docs), args.batch_size)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_index(args.out, ids, embeddings)
+        print(f"wrote {args.out}: {len(ids)} pages")
+
+
+def _retriever_search(args) -> None:
+    from vlmkit.data.page_store import PageStore
+    from vlmkit.errors import ConfigError
+    from vlmkit.eval.retrieval import build_index, encode_queries, load_index, load_retriever, search
+
+    if not args.query.strip():
+        raise ConfigError("the query is empty")
+    if (args.index is None) == (args.docs is None):
+        raise ConfigError("give exactly one of --index (from `vlmkit retriever index`) and --docs")
+    model, processor = load_retriever(args.model)
+    ids, embeddings = load_index(args.index) if args.index else build_index(model, processor, PageStore(args.docs))
+    scores, indices = search(encode_queries(model, processor, [args.query]), embeddings, args.k)
+    for rank, (value, index) in enumerate(zip(scores[0].tolist(), indices[0].tolist()), 1):
+        print(f"{rank:3d}  {value:.4f}  {ids[index]}")
+
+
+def _retriever_demo(args) -> None:
+    from vlmkit.train.retrieval import run_demo
+
+    run_demo(args.out, args.data, quick=args.quick)
+
+
+def _retriever_eval(args) -> None:
+    from vlmkit.eval.retrieval import evaluate, init_distributed
+
+    init_distributed()
+    output = args.output or str(Path(args.model) / "retrieval_metrics.json")
+    metrics = evaluate(args.model, args.docs, args.queries, args.qrels, output, batch_size=args.batch_size,
+                       index=args.index)  # fmt: skip
+    print(json.dumps(metrics, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,17 +290,35 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, help="processes (default: one per core)")
     synth.set_defaults(func=_data_synth)
 
-    train = commands.add_parser("train", help="train a VLM (one stage: align or sft)")
-    train.add_argument("config", nargs="?", help="YAML config; without it the tiny from-scratch recipe")
-    train.add_argument("--train-data", help="JSONL of records")
-    train.add_argument("--eval-data", help="JSONL of records for the eval loss")
-    train.add_argument("--output-dir", help="where checkpoints and the final model go")
-    train.add_argument("--max-steps", type=int)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--skip-bad", action="store_true", help="skip bad records (and report them) instead of stopping")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
-    train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. train.lr.lm=1e-4")
-    train.set_defaults(func=_train)
+    from vlmkit.data.importers import FORMATS
+
+    importer = data.add_parser("import", help="convert another project's data to vlmkit records (JSONL)")
+    importer.add_argument("source", help="the file to convert (see docs/finetuning.md for each format)")
+    importer.add_argument("--from", dest="source_format", required=True, choices=sorted(FORMATS))
+    importer.add_argument("--out", required=True, help="JSONL to write; images go beside it when they are embedded")
+    importer.add_argument("--images", help="folder the source's image paths are relative to (default: its folder)")
+    importer.add_argument("--captions", help="bvlm only: the captions JSON that goes with the image map")
+    importer.set_defaults(func=_data_import)
+
+    preferences = data.add_parser("preferences", help="DPO pairs from question records: correct vs. wrong answer")
+    preferences.add_argument("source", help="JSONL of single-question records with categories (e.g. val.jsonl)")
+    preferences.add_argument("--out", required=True)
+    preferences.add_argument("--seed", type=int, default=0)
+    preferences.set_defaults(func=_data_preferences)
+
+    for name, description in (("train", "train a VLM (one stage: align, sft or dpo)"),
+                              ("dpo", "preference-tune a VLM with DPO (train with train.stage=dpo)")):  # fmt: skip
+        train = commands.add_parser(name, help=description)
+        train.add_argument("config", nargs="?", help="YAML config; without it the tiny from-scratch recipe")
+        train.add_argument("--train-data", help="JSONL of records (preference records for dpo)")
+        train.add_argument("--eval-data", help="JSONL of records for the eval loss (dpo: preference accuracy)")
+        train.add_argument("--output-dir", help="where checkpoints and the final model go")
+        train.add_argument("--max-steps", type=int)
+        train.add_argument("--seed", type=int)
+        train.add_argument("--skip-bad", action="store_true", help="skip bad records (reported) instead of stopping")
+        train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output dir")
+        train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config values (train.lr.lm=1e-4)")
+        train.set_defaults(func=_train if name == "train" else lambda args: _train(args, stage="dpo"))
 
     ev = commands.add_parser("eval", help="answer a JSONL split and score exact match per category")
     ev.add_argument("--model", required=True, help="saved model directory")
@@ -131,13 +342,124 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=50)
     chat.add_argument("--repetition-penalty", type=float, default=1.0)
     chat.add_argument("--seed", type=int)
+    chat.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantisation of linear layers (CPU)")
     chat.set_defaults(func=_chat)
+
+    web = commands.add_parser("web", help="a web page (Gradio) to chat with a model or search pages with a retriever")
+    web.add_argument("--model", required=True)
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantisation of linear layers (CPU)")
+    web.add_argument("--retriever", help="with a chat model: a retriever for the Retrieval tab")
+    web.add_argument("--docs", help="page store the Retrieval tab searches")
+    web.add_argument("--index", help="its index from `vlmkit retriever index` (default: encode the store at start)")
+    web.set_defaults(func=_web)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API for a model")
+    serve.add_argument("--model", required=True)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $VLMKIT_API_KEY, if set)")
+    serve.add_argument("--served-model-name", help="the model id clients use (default: the model folder's name)")
+    serve.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantisation of linear layers (CPU)")
+    serve.set_defaults(func=_serve)
+
+    export = commands.add_parser("export", help="write a model in another library's format")
+    export.add_argument("--model", required=True)
+    export.add_argument("--format", required=True, choices=["llava"], help="llava: transformers' LLaVA classes")
+    export.add_argument("--out", required=True, help="output directory")
+    export.set_defaults(func=_export)
 
     demo = commands.add_parser("demo", help="the main job: data, align + SFT from scratch, eval, report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data/synth")
     demo.add_argument("--quick", action="store_true", help="a much smaller run, to check the pipeline")
     demo.set_defaults(func=_demo)
+
+    docs = commands.add_parser("docs", help="document pages for retrieval: page stores, queries, pairs")
+    docs = docs.add_subparsers(dest="docs_command", required=True)
+    dsynth = docs.add_parser("synth", help="write the built-in document pages, pairs, queries and qrels (no download)")
+    dsynth.add_argument("--out", default="data/synth-docs")
+    dsynth.add_argument("--train", type=int, default=864, help="train pages (default: all 864 combinations)")
+    dsynth.add_argument("--test", type=int, default=200, help="held-out test pages")
+    dsynth.add_argument("--queries-per-page", type=int, default=3)
+    dsynth.add_argument("--size", type=int, default=64, help="page height in pixels")
+    dsynth.add_argument("--seed", type=int, default=0)
+    dsynth.set_defaults(func=_docs_synth)
+    render = docs.add_parser("render", help="render PDF pages into a page store (pypdfium2, parallel)")
+    render.add_argument("inputs", nargs="+", metavar="PDF_OR_DIR")
+    render.add_argument("--out", required=True, help="page store (.h5); pages already in it are skipped")
+    render.add_argument("--dpi", type=float, default=150)
+    render.add_argument("--min-side", type=int, default=0, help="raise the dpi until the shorter side has PX pixels")
+    render.add_argument("--workers", type=int, help="processes (default: one per core)")
+    render.set_defaults(func=_docs_render)
+    add_images = docs.add_parser("add-images", help="store image files (or folders of them) as pages")
+    add_images.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    add_images.add_argument("--out", required=True, help="page store (.h5)")
+    add_images.set_defaults(func=_docs_add_images)
+    gen = docs.add_parser("gen-queries", help="one search query per page, generated by a VLM (resumable)")
+    gen.add_argument("--model", required=True, help="a saved vlmkit VLM")
+    gen.add_argument("--docs", required=True, help="page store")
+    gen.add_argument("--out", required=True, help="queries JSONL; pages already in it are skipped")
+    gen.add_argument("--prompt", help="text file with the prompt (default: vlmkit.data.queries.GENERATE_PROMPT)")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.set_defaults(func=_docs_gen_queries)
+    filt = docs.add_parser("filter-queries", help="keep queries specific to one page (few-shot LM; resumable)")
+    filt.add_argument("--model", required=True, help="a saved vlmkit model, used as a language model")
+    filt.add_argument("--queries", required=True, help="queries JSONL from gen-queries")
+    filt.add_argument("--out", required=True, help="queries with keep/drop decisions; decided ones are skipped")
+    filt.add_argument("--prompt", help="text file with a few-shot prompt containing {query}")
+    filt.add_argument("--threshold", type=float, default=0.5, help="keep when P(yes) >= this")
+    filt.add_argument("--batch-size", type=int, default=16)
+    filt.set_defaults(func=_docs_filter_queries)
+    mpairs = docs.add_parser("make-pairs", help="kept queries -> train pairs + test queries/qrels, split by page")
+    mpairs.add_argument("--queries", required=True)
+    mpairs.add_argument("--out", required=True, help="output folder")
+    mpairs.add_argument("--test-fraction", type=float, default=0.2)
+    mpairs.add_argument("--seed", type=int, default=0)
+    mpairs.set_defaults(func=_docs_make_pairs)
+
+    retriever = commands.add_parser("retriever", help="train, index, search and evaluate a page retriever")
+    retriever = retriever.add_subparsers(dest="retriever_command", required=True)
+    rtrain = retriever.add_parser("train", help="contrastive training of a retriever on query-page pairs")
+    rtrain.add_argument("config", nargs="?", help="YAML config (sections model, retrieval, data, train)")
+    rtrain.add_argument("--train-data", help="pairs JSONL")
+    rtrain.add_argument("--docs", help="page store with the pages the pairs name")
+    rtrain.add_argument("--output-dir")
+    rtrain.add_argument("--grad-cache", action="store_true", help="GradCache: big batches in bounded memory")
+    rtrain.add_argument("--grad-cache-micro-batch-size", type=int)
+    rtrain.add_argument("--max-steps", type=int)
+    rtrain.add_argument("--seed", type=int)
+    rtrain.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config values")
+    rtrain.set_defaults(func=_retriever_train)
+    rindex = retriever.add_parser("index", help="encode a page store into an index (sharded under torchrun)")
+    rindex.add_argument("--model", required=True)
+    rindex.add_argument("--docs", required=True)
+    rindex.add_argument("--out", required=True, help="index file (.safetensors)")
+    rindex.add_argument("--batch-size", type=int, default=32)
+    rindex.set_defaults(func=_retriever_index)
+    rsearch = retriever.add_parser("search", help="the top pages for one query")
+    rsearch.add_argument("query")
+    rsearch.add_argument("--model", required=True)
+    rsearch.add_argument("--index", help="an index from `vlmkit retriever index`")
+    rsearch.add_argument("--docs", help="or a page store, encoded on the spot")
+    rsearch.add_argument("--k", type=int, default=10)
+    rsearch.set_defaults(func=_retriever_search)
+    reval = retriever.add_parser("eval", help="nDCG@5/@10, recall@10 and MRR@10 on queries + qrels")
+    reval.add_argument("--model", required=True)
+    reval.add_argument("--docs", required=True, help="the corpus, a page store")
+    reval.add_argument("--queries", required=True, help='JSONL of {"id", "text"}')
+    reval.add_argument("--qrels", required=True, help="TSV with header query-id, corpus-id, score")
+    reval.add_argument("--output", help="metrics JSON (a TREC run file goes beside it)")
+    reval.add_argument("--index", help="use this index instead of encoding the store")
+    reval.add_argument("--batch-size", type=int, default=32)
+    reval.set_defaults(func=_retriever_eval)
+    rdemo = retriever.add_parser("demo", help="built-in documents -> tiny retriever from scratch -> held-out metrics")
+    rdemo.add_argument("--out", default="runs/demo-retrieval")
+    rdemo.add_argument("--data", default="data/synth-docs")
+    rdemo.add_argument("--quick", action="store_true", help="a much smaller run, to check the pipeline")
+    rdemo.set_defaults(func=_retriever_demo)
     return parser
 
 

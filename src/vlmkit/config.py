@@ -50,7 +50,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = None  # JSONL of records
+    train: str | list | None = None  # JSONL of records, or a list of JSONLs to mix (ids must stay unique)
     eval: str | None = None  # JSONL of records, for the eval loss during training
     max_length: int = 1024  # longer samples are errors (or skipped with skip_bad), never truncated
     skip_bad: bool = False
@@ -70,6 +70,7 @@ class LearningRates:
 STAGE_LEARNING_RATES = {
     "align": LearningRates(vision=0.0, projector=1e-3, lm=0.0),  # projector only
     "sft": LearningRates(vision=0.0, projector=2e-5, lm=2e-5),  # projector + LM; vision optional
+    "dpo": LearningRates(vision=0.0, projector=1e-6, lm=1e-6),  # preference tuning moves an SFT model gently
 }
 
 
@@ -94,8 +95,14 @@ class TrainConfig:
     output_dir: str = "runs/train"
     resume: bool = False  # continue from the newest checkpoint in output_dir
     bf16: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # for the LM and the vision encoder
     report_to: list = field(default_factory=lambda: ["tensorboard"])
+    packing: bool = False  # samples end to end in fewer rows, attention confined to each sample
+    packing_length: int = 0  # tokens per packed row; 0: the batch's longest sample
+    torch_compile: bool = False
+    fsdp: str = ""  # transformers' fsdp option, e.g. "full_shard auto_wrap"; see configs/fsdp.yaml
+    fsdp_config: dict = field(default_factory=dict)
+    deepspeed: str | None = None  # a DeepSpeed JSON config, e.g. configs/deepspeed-zero2.json
 
     def learning_rates(self, random_modules: frozenset[str] = frozenset()) -> LearningRates:
         """Peak learning rate per module: the explicit value, else `scratch_lr` for a module that
@@ -113,10 +120,37 @@ class TrainConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA through PEFT: adapters on the LM (and optionally the vision encoder); see docs/finetuning.md."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"])  # fmt: skip
+    vision: bool = False  # adapters on the vision encoder too (its learning rate must not be 0)
+    vision_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                                 "fc2"])  # fmt: skip
+    modules_to_save: list = field(default_factory=lambda: ["projector"])  # trained fully, at their own rate
+    save: str = "adapter"  # "adapter": the adapters alone (plus a base to load them on); "merged": one model
+    quantize: str | None = None  # "4bit": QLoRA (needs bitsandbytes, a CUDA GPU and model.init_from)
+
+
+@dataclass
+class DPOSettings:
+    """Direct preference optimisation (`vlmkit dpo`): the sigmoid loss against precomputed reference log-probs."""
+
+    beta: float = 0.1
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
 
 
 def _hints(cls) -> dict:
@@ -136,6 +170,11 @@ def _coerce(value, hint, where: str):
             return None
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if base is not type(None) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
             return value
     raise ConfigError(f"{where} = {value!r} has the wrong type; expected {hint}")
@@ -161,7 +200,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train)")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, lora, dpo)")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:

@@ -142,6 +142,7 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_size=cfg.image_size,
     )  # fmt: skip
     model = VLMForConditionalGeneration(config, vision_tower=tower, language_model=lm).to(dtype)
-    model.generation_config = GenerationConfig(**special)
+    # The placeholder token must never be generated: it would ask for image features that don't exist.
+    model.generation_config = GenerationConfig(**special, suppress_tokens=[config.image_token_id])
     processor = VLMProcessor(_image_processor(cfg, config), tokenizer, image_token_spec=image_token_spec(config))
     return Built(model, processor, frozenset(random))

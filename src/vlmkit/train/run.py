@@ -10,14 +10,17 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, ProgressCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import LearningRates, RunConfig, to_yaml
 from vlmkit.data.dataset import Collator, ConversationDataset
+from vlmkit.data.packing import PackedCollator
 from vlmkit.data.records import IMAGE_MARKER, read_records
 from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
+from vlmkit.train import distributed, lora
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import VLMTrainer, apply_learning_rates
 
@@ -53,8 +56,17 @@ def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> 
         report_to=t.report_to,
         dataloader_num_workers=cfg.data.num_workers,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if t.packing else "non_padding",  # packed: no mask to count by
         disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        torch_compile=t.torch_compile,
+        use_cpu=distributed.multi_process_cpu(),
+        # A text-only batch leaves the vision tower and projector without gradients on its process; DDP
+        # must be told, or it waits for them (the Trainer's default stops telling it under checkpointing).
+        ddp_find_unused_parameters=True,
+        fsdp=t.fsdp,
+        fsdp_config=t.fsdp_config or None,
+        deepspeed=t.deepspeed,
     )
 
 
@@ -62,23 +74,39 @@ def _texts(records) -> list[str]:
     return [turn["content"].replace(IMAGE_MARKER, "") for r in records for turn in r.conversations]
 
 
+def _read_mix(paths: str | list[str], skip_bad: bool):
+    """Records of one JSONL or of several, concatenated (the Trainer shuffles them together)."""
+    records, bad_lines = [], []
+    for path in [paths] if isinstance(paths, str) else paths:
+        more, bad = read_records(path, skip_bad=skip_bad)
+        records += more
+        bad_lines += bad
+    return records, bad_lines
+
+
 def run(cfg: RunConfig, log=print) -> Path:
     """Train one stage as configured; returns the directory of the saved model."""
     if not cfg.data.train:
         raise ConfigError("no training data: give --train-data or data.train")
+    if cfg.train.stage == "dpo":
+        raise ConfigError("train.stage=dpo trains on preference records: run `vlmkit dpo` (vlmkit.train.dpo_run)")
     out = Path(cfg.train.output_dir)
     set_seed(cfg.train.seed)
     log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
+    distributed.check(cfg.train)
 
     # Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
     checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
     if cfg.train.resume and checkpoint is None:
         log(f"no checkpoint in {out}; starting from the beginning")
-    records, bad_lines = read_records(cfg.data.train, skip_bad=cfg.data.skip_bad)
+    records, bad_lines = _read_mix(cfg.data.train, cfg.data.skip_bad)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
     built = build(cfg.model, training_texts=lambda: _texts(records), tokenizer=tokenizer)
     model, processor = built.model, built.processor
     rates = cfg.train.learning_rates(built.random_modules)
+    if cfg.lora.enabled:
+        lora.check(cfg.lora, rates, cfg.model)
+        model = lora.wrap(model, processor, cfg.lora, cfg.model, out)
     trainable = apply_learning_rates(model, rates)
     log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
 
@@ -87,12 +115,14 @@ def run(cfg: RunConfig, log=print) -> Path:
     train_set.skipped = bad_lines + train_set.skipped
     eval_set = ConversationDataset.from_jsonl(cfg.data.eval, processor, **kwargs) if cfg.data.eval else None
 
+    pad = processor.tokenizer.pad_token_id
+    collator = PackedCollator(pad, cfg.train.packing_length) if cfg.train.packing else Collator(pad)
     trainer = VLMTrainer(
         model=model,
         args=training_arguments(cfg, rates, eval_set is not None),
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Collator(processor.tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=processor,
         learning_rates=rates,
     )
@@ -106,7 +136,10 @@ def run(cfg: RunConfig, log=print) -> Path:
     if eval_set is not None:
         metrics.update(trainer.evaluate())
 
-    trainer.save_model(str(out))  # weights (safetensors), config and processor
+    if cfg.lora.enabled:
+        lora.save(trainer, cfg.lora, out)
+    else:
+        trainer.save_model(str(out))  # weights (safetensors), config and processor
     if trainer.is_world_process_zero():
         (out / CONFIG_FILE).write_text(to_yaml(cfg))
         skipped = train_set.skipped + (eval_set.skipped if eval_set else [])

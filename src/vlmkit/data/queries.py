@@ -1,0 +1,147 @@
+"""Synthetic queries for a page store: generate them with a VLM, filter them with an LM, turn them into pairs.
+
+`generate_queries` asks a vlmkit VLM, in batches, for one search query per page (the prompt
+is a text file the user can change). `filter_queries` keeps the queries a few-shot
+classifier judges specific to one page and drops the context-dependent ones ("What is the
+date in the letter?"): it compares the model's probability of answering "yes" and "no".
+Both append to their output after every batch and skip what is already there, so an
+interrupted run goes on where it stopped. `make_pairs` splits the kept queries by page into
+training pairs and a BEIR-like test set.
+
+Query records, one per line: {"id": "...", "doc_id": "...", "text": "..."} (+ "keep", "p_keep").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vlmkit.data.page_store import PageStore
+from vlmkit.data.pairs import Pair, split_by_document, write_pairs
+from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.errors import DataError
+
+GENERATE_PROMPT = (f"{IMAGE_MARKER}\nWrite one search query that this page answers and that no other page "
+                   "would. Reply with the query only.")  # fmt: skip
+FILTER_PROMPT = """Does the search query identify one specific page on its own? Answer yes or no.
+Query: What was Acme's revenue in Q3 2021? Answer: yes
+Query: What is the date in the letter? Answer: no
+Query: Which table lists the boiling points of alkanes? Answer: yes
+Query: What does the figure show? Answer: no
+Query: {query} Answer:"""
+
+
+def _read_done(path: Path) -> dict[str, dict]:
+    """Records already written to `path`, by id (resuming starts after them)."""
+    done = {}
+    if path.is_file():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                    done[record["id"]] = record
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DataError("not a query record; remove the line or the file to start over", path,
+                                    number) from None  # fmt: skip
+    return done
+
+
+def _prompt(prompt_file: str | Path | None, default: str) -> str:
+    return Path(prompt_file).read_text(encoding="utf-8").strip() if prompt_file else default
+
+
+def _left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, longest - len(row):], mask[i, longest - len(row):] = row, 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_queries(model, processor, store: PageStore, out: str | Path, prompt_file: str | Path | None = None,
+                     batch_size: int = 8, max_new_tokens: int = 48, progress: bool = True):  # fmt: skip
+    """Append one generated query per page not yet in `out`; returns (written, empty replies)."""
+    out, prompt = Path(out), _prompt(prompt_file, GENERATE_PROMPT)
+    if IMAGE_MARKER not in prompt:
+        prompt = f"{IMAGE_MARKER}\n{prompt}"
+    done = {r["doc_id"] for r in _read_done(out).values()}
+    todo = [doc_id for doc_id in store.ids if doc_id not in done]
+    written = empty = 0
+    tokenizer = processor.tokenizer
+    with out.open("a", encoding="utf-8") as handle:
+        for start in tqdm(range(0, len(todo), batch_size), desc="queries", unit="batch", disable=not progress):
+            doc_ids = todo[start:start + batch_size]
+            images = [store.image(doc_id) for doc_id in doc_ids]
+            pixel_values, crops = processor.pixel_values(images)
+            rows = [processor.encode_text([{"role": "user", "content": prompt}], [n], add_generation_prompt=True)
+                    ["input_ids"] for n in crops]  # fmt: skip
+            ids, mask = _left_padded(rows, tokenizer.pad_token_id)
+            generated = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                       pixel_values=pixel_values.to(model.device, model.dtype), do_sample=False,
+                                       max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            replies = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+            for doc_id, text in zip(doc_ids, replies):
+                text = " ".join(text.split())
+                if not text:
+                    empty += 1  # not written: a later run tries the page again
+                    continue
+                handle.write(json.dumps({"id": f"{doc_id}::q", "doc_id": doc_id, "text": text}) + "\n")
+                written += 1
+            handle.flush()
+    return written, empty
+
+
+@torch.no_grad()
+def filter_queries(model, processor, queries: str | Path, out: str | Path, prompt_file: str | Path | None = None,
+                   batch_size: int = 16, threshold: float = 0.5, progress: bool = True) -> tuple[int, int]:  # fmt: skip
+    """Append a keep/drop decision for every query not yet in `out`; returns (kept, dropped) this run."""
+    out, template = Path(out), _prompt(prompt_file, FILTER_PROMPT)
+    if "{query}" not in template:
+        raise DataError("the filter prompt must contain {query} where the query goes", prompt_file)
+    decided = _read_done(out)
+    records = [r for r in _read_done(Path(queries)).values() if r["id"] not in decided]
+    tokenizer = processor.tokenizer
+    yes, no = (tokenizer.encode(word, add_special_tokens=False)[0] for word in ("yes", "no"))
+    kept = dropped = 0
+    with out.open("a", encoding="utf-8") as handle:
+        for start in tqdm(range(0, len(records), batch_size), desc="filter", unit="batch", disable=not progress):
+            batch = records[start:start + batch_size]
+            rows = [processor.encode_text([{"role": "user", "content": template.replace("{query}", r["text"])}], [],
+                                          add_generation_prompt=True)["input_ids"] for r in batch]  # fmt: skip
+            # Right padding keeps every row's positions exact; the answer is read at its own last token.
+            ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
+            mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
+            p_keep = torch.softmax(last[:, [yes, no]].float(), dim=-1)[:, 0].tolist()
+            for record, p in zip(batch, p_keep):
+                keep = p >= threshold
+                kept, dropped = kept + keep, dropped + (not keep)
+                handle.write(json.dumps({**record, "keep": keep, "p_keep": round(p, 4)}) + "\n")
+            handle.flush()
+    return kept, dropped
+
+
+def make_pairs(queries: str | Path, out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:
+    """train_pairs.jsonl, test_queries.jsonl and test_qrels.tsv from query records (those not dropped),
+    split by page so no test page is seen in training."""
+    records = [r for r in _read_done(Path(queries)).values() if r.get("keep", True)]
+    if not records:
+        raise DataError("no kept queries to make pairs from", queries)
+    pairs = [Pair(r["text"], [r["doc_id"]], [], n) for n, r in enumerate(records, 1)]
+    train, test = split_by_document(pairs, test_fraction, seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_pairs(train, out_dir / "train_pairs.jsonl")
+    with (out_dir / "test_queries.jsonl").open("w", encoding="utf-8") as qs, \
+            (out_dir / "test_qrels.tsv").open("w", encoding="utf-8") as qrels:  # fmt: skip
+        qrels.write("query-id\tcorpus-id\tscore\n")
+        for i, pair in enumerate(test):
+            qs.write(json.dumps({"id": f"t{i:06d}", "text": pair.query}) + "\n")
+            qrels.write(f"t{i:06d}\t{pair.pos[0]}\t1\n")
+    return {name: out_dir / name for name in ("train_pairs.jsonl", "test_queries.jsonl", "test_qrels.tsv")}

@@ -1,0 +1,254 @@
+"""`vlmkit retriever index / search / eval`: exact search over a page store and the standard metrics.
+
+Inputs are BEIR-like: `queries.jsonl` lines `{"id": "q1", "text": "..."}`, `qrels.tsv` with
+the header `query-id<TAB>corpus-id<TAB>score`, and a page store as the corpus.
+
+Exactness, by construction:
+- pages are encoded in fixed batches (batch b holds pages b*B .. b*B+B-1 of the store), and
+  under torchrun each process takes whole batches, so a sharded index is bit-identical to
+  an unsharded one and gives the same metrics;
+- search is a chunked matrix product in float32 with a running top-k merged by a stable
+  sort: ties go to the page that comes first in the store, and memory is bounded by the
+  chunk size, never by the corpus;
+- metrics follow trec_eval (linear gains; queries without a relevant page are skipped);
+  the tests check them against pytrec_eval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from vlmkit.data.page_store import PageStore
+from vlmkit.errors import DataError
+from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs, score
+from vlmkit.processing.processor import VLMProcessor
+
+CUTOFF_METRICS = ("ndcg@5", "ndcg@10", "recall@10", "mrr@10")
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def read_queries(path: str | Path) -> dict[str, str]:
+    """Query id -> text, in file order; an empty text or a repeated id is a DataError."""
+    path, queries = Path(path), {}
+    if not path.is_file():
+        raise DataError("queries file not found", path)
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            qid, text = str(raw["id"]), raw["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError('each line must be a JSON object with "id" and "text"', path, number) from None
+        if not isinstance(text, str) or not text.strip():
+            raise DataError("the query text is empty", path, number, qid)
+        if qid in queries:
+            raise DataError("this query id appears twice", path, number, qid)
+        queries[qid] = text.strip()
+    return queries
+
+
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """Query id -> {page id: relevance}, from a TSV with the BEIR header."""
+    path, qrels = Path(path), {}
+    if not path.is_file():
+        raise DataError("qrels file not found", path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0].split("\t") != ["query-id", "corpus-id", "score"]:
+        raise DataError("the first line must be the header query-id<TAB>corpus-id<TAB>score", path, 1)
+    for number, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        try:
+            qid, doc_id, rel = fields[0], fields[1], int(fields[2])
+        except (IndexError, ValueError):
+            raise DataError("expected query-id<TAB>corpus-id<TAB>integer score", path, number) from None
+        qrels.setdefault(qid, {})[doc_id] = rel
+    return qrels
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+def load_retriever(directory: str | Path, device: str | None = None) -> tuple[VLMRetriever, VLMProcessor]:
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise DataError("not a saved retriever (no config.json); train one with `vlmkit retriever train`", directory)
+    model = VLMRetriever.from_pretrained(directory).eval()
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), VLMProcessor.from_pretrained(directory)
+
+
+def _embed(model: VLMRetriever, inputs: dict) -> torch.Tensor:
+    inputs = {k: v.to(model.device) for k, v in inputs.items() if k != "crops_per_row"}
+    return model(**inputs).float().cpu()
+
+
+@torch.no_grad()
+def encode_queries(model: VLMRetriever, processor: VLMProcessor, texts: list[str], batch_size: int = 64):
+    out = [_embed(model, encode_inputs(processor, model.config, queries=texts[s:s + batch_size]))
+           for s in range(0, len(texts), batch_size)]  # fmt: skip
+    return concat(out)
+
+
+@torch.no_grad()
+def encode_pages(model: VLMRetriever, processor: VLMProcessor, store: PageStore, batch_size: int = 32,
+                 rank: int = 0, world_size: int = 1, progress: bool = True):  # fmt: skip
+    """This process's share of the store: whole fixed batches, rank r taking batches r, r + world, ..."""
+    ids = store.ids
+    starts = list(range(0, len(ids), batch_size))[rank::world_size]
+    out_ids, out = [], []
+    for start in tqdm(starts, desc="index", unit="batch", disable=not progress):
+        batch_ids = ids[start:start + batch_size]
+        images = [store.image(doc_id) for doc_id in batch_ids]
+        out.append(_embed(model, encode_inputs(processor, model.config, images=images)))
+        out_ids += batch_ids
+    if not out:
+        return [], torch.zeros(0)
+    return out_ids, concat(out)
+
+
+def merge_shares(shares: list[tuple[list[str], torch.Tensor]], batch_size: int) -> tuple[list[str], torch.Tensor]:
+    """The store-order index from each rank's `encode_pages` share (batch b came from rank b mod world)."""
+    world = len(shares)
+    batches = [[(ids[s:s + batch_size], emb[s:s + batch_size]) for s in range(0, len(ids), batch_size)]
+               for ids, emb in shares]  # fmt: skip
+    ordered = [batches[b % world][b // world] for b in range(sum(len(x) for x in batches))]
+    return [i for chunk, _ in ordered for i in chunk], concat([e for _, e in ordered])
+
+
+def build_index(model, processor, store: PageStore, batch_size: int = 32, progress: bool = True):
+    """All page ids and embeddings in store order; under torchrun each process encodes a share."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    share = encode_pages(model, processor, store, batch_size, rank, world, progress and rank == 0)
+    if not distributed:
+        return share
+    shares = [None] * world
+    dist.all_gather_object(shares, share)
+    return merge_shares(shares, batch_size)
+
+
+def save_index(path: str | Path, ids: list[str], embeddings: torch.Tensor) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata={"ids": json.dumps(ids)})
+    tmp.replace(path)
+
+
+def load_index(path: str | Path) -> tuple[list[str], torch.Tensor]:
+    with safe_open(str(path), "pt") as handle:
+        ids = json.loads(handle.metadata()["ids"])
+    return ids, load_file(str(path))["embeddings"]
+
+
+# --- search ---------------------------------------------------------------------------------------
+
+
+def search(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_elements: int = 2**24):
+    """Exact top-k (scores, page indices) per query, best first; ties go to the lower index.
+
+    Scores are computed for blocks of queries x pages of at most `chunk_elements` token-pair
+    scores, and each block is merged into the running top-k with a stable sort.
+    """
+    k = min(k, docs.shape[0])
+    per_pair = 1 if queries.dim() == 2 else queries.shape[1] * docs.shape[1]
+    query_chunk = max(1, min(queries.shape[0], 1024))
+    doc_chunk = max(1, chunk_elements // (query_chunk * per_pair))
+    all_scores, all_indices = [], []
+    for qs in range(0, queries.shape[0], query_chunk):
+        q = queries[qs:qs + query_chunk].float()
+        best_scores = torch.empty(q.shape[0], 0)
+        best_indices = torch.empty(q.shape[0], 0, dtype=torch.long)
+        for ds in range(0, docs.shape[0], doc_chunk):
+            block = score(q, docs[ds:ds + doc_chunk].float())
+            # Earlier pages sit to the left, so the stable sort keeps ties in page order.
+            scores = torch.cat([best_scores, block], dim=1)
+            indices = torch.cat([best_indices, torch.arange(ds, ds + block.shape[1]).expand(q.shape[0], -1)], dim=1)
+            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+            best_scores, best_indices = scores.gather(1, order), indices.gather(1, order)
+        all_scores.append(best_scores)
+        all_indices.append(best_indices)
+    return torch.cat(all_scores), torch.cat(all_indices)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def query_metrics(ranked: list[str], relevant: dict[str, int]) -> dict[str, float]:
+    """nDCG@5/@10 (linear gains, as trec_eval), recall@10 and reciprocal rank within 10, for one query."""
+    gains = [max(relevant.get(doc_id, 0), 0) for doc_id in ranked]
+    ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)
+
+    def dcg(values, cut):
+        return sum(g / math.log2(i + 2) for i, g in enumerate(values[:cut]))
+
+    n_relevant = len(ideal)
+    first = next((i for i, g in enumerate(gains[:10]) if g > 0), None)
+    return {"ndcg@5": dcg(gains, 5) / dcg(ideal, 5), "ndcg@10": dcg(gains, 10) / dcg(ideal, 10),
+            "recall@10": sum(g > 0 for g in gains[:10]) / n_relevant,
+            "mrr@10": 0.0 if first is None else 1.0 / (first + 1)}  # fmt: skip
+
+
+def metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Mean of `query_metrics` over the queries of `run` that have a relevant page."""
+    per_query = [query_metrics(run[q], qrels[q]) for q in run if any(r > 0 for r in qrels.get(q, {}).values())]
+    if not per_query:
+        raise DataError("no query has a relevant page in the qrels")
+    return {name: sum(m[name] for m in per_query) / len(per_query) for name in CUTOFF_METRICS} | {
+        "n_queries": len(per_query)}
+
+
+def write_run(path: str | Path, qids: list[str], ids: list[str], scores: torch.Tensor, indices: torch.Tensor,
+              tag: str = "vlmkit") -> None:  # fmt: skip
+    """A TREC run file: `qid Q0 docid rank score tag`, one line per retrieved page."""
+    with Path(path).open("w", encoding="utf-8") as handle:
+        for q, qid in enumerate(qids):
+            for rank, (s, i) in enumerate(zip(scores[q].tolist(), indices[q].tolist()), 1):
+                handle.write(f"{qid} Q0 {ids[i]} {rank} {s:.6f} {tag}\n")
+
+
+def evaluate(model_dir: str | Path, docs: str | Path, queries_path: str | Path, qrels_path: str | Path,
+             output: str | Path | None = None, batch_size: int = 32, index: str | Path | None = None,
+             progress: bool = True) -> dict:  # fmt: skip
+    """Encode the store (or load `index`), search every query, score against the qrels; rank 0 writes
+    `output` (metrics JSON) and a TREC run file beside it."""
+    queries, qrels = read_queries(queries_path), read_qrels(qrels_path)
+    store = PageStore(docs)
+    for qid, judged in qrels.items():
+        if qid not in queries:
+            raise DataError(f"query {qid!r} has qrels but is not in {queries_path}", qrels_path, record_id=qid)
+        store.check_ids(judged, qrels_path)
+    model, processor = load_retriever(model_dir)
+    ids, doc_emb = load_index(index) if index else build_index(model, processor, store, batch_size, progress)
+    qids = [q for q in queries if q in qrels]
+    query_emb = encode_queries(model, processor, [queries[q] for q in qids], batch_size)
+    scores, indices = search(query_emb, doc_emb, k=100)
+    run = {qid: [ids[i] for i in indices[n].tolist()] for n, qid in enumerate(qids)}
+    result = metrics(run, qrels) | {"n_docs": len(ids)}
+    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if output and is_main:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2))
+        write_run(output.with_suffix(".trec"), qids, ids, scores, indices)
+    return result
+
+
+def init_distributed() -> None:
+    """Join the torchrun group when launched by torchrun (gloo on CPU, nccl on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -1,0 +1,1 @@
+"""Writing vlmkit models in other libraries' formats (`vlmkit export`)."""

@@ -1,0 +1,152 @@
+"""`vlmkit export --format llava`: a model directory that transformers' LLaVA classes load without vlmkit.
+
+vlmkit's model is LLaVA's composition, so the weights map one to one:
+
+    vlmkit                              LlavaForConditionalGeneration
+    vision_tower                   ->   model.vision_tower            (the same CLIP / SigLIP module)
+    projector (mlp)                ->   model.multi_modal_projector   (linear_1, act, linear_2)
+    projector (linear)             ->   linear_1 = the layer, act = identity, linear_2 = identity matrix
+    language_model's base model    ->   model.language_model
+    language_model's output layer  ->   lm_head
+
+Feature selection needs care: vlmkit's "default" drops the CLS token only when the tower has
+one (CLIP), while LLaVA's "default" always drops the first token. So CLIP keeps its strategy
+and SigLIP (no CLS) exports as "full". Whatever LLaVA cannot express is refused with a
+"cannot export: ..." error rather than exported approximately.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.image_utils import PILImageResampling
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from vlmkit.errors import ConfigError
+from vlmkit.model import vision
+from vlmkit.model.modeling import VLMForConditionalGeneration
+from vlmkit.processing.image_processing import RESAMPLE, VLMImageProcessor
+from vlmkit.processing.processor import VLMProcessor
+
+LOG = logging.getLogger(__name__)
+# Causal-LM settings applied after the output layer, which LLaVA's bare lm_head would skip.
+LOGIT_SETTINGS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+# ChatML, as vlmkit/templates/chatml.jinja renders it, taking OpenAI/transformers-style content
+# lists too (what vLLM-style servers pass): each image part becomes one "<image>\n" marker.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ('image', 'image_url') -%}{{- '<image>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def check_exportable(model: VLMForConditionalGeneration, processor: VLMProcessor) -> None:
+    """Raise ConfigError("cannot export: ...") for anything LLaVA's classes cannot reproduce exactly."""
+    cfg, args = model.config, model.config.projector_args
+    kind = cfg.vision_config.model_type
+    if vision.is_cnn(cfg.vision_config):
+        raise ConfigError(f"cannot export: the {kind} vision tower is convolutional; LLaVA selects tokens from a "
+                          "vision transformer's hidden states (CLIP or SigLIP)")  # fmt: skip
+    if kind not in ("clip_vision_model", "siglip_vision_model"):
+        raise ConfigError(f"cannot export: LLaVA feeds plain pixel crops to its tower, which {kind} does not take")
+    if cfg.projector_type not in ("mlp", "linear"):
+        raise ConfigError(f"cannot export: the {cfg.projector_type!r} projector has no LLaVA equivalent "
+                          "(only 'mlp' and 'linear' do)")  # fmt: skip
+    if args.get("pos_embed"):
+        raise ConfigError("cannot export: the projector adds learned position embeddings (pos_embed), "
+                          "which LLaVA's projector does not have")  # fmt: skip
+    if args.get("layernorm"):
+        raise ConfigError("cannot export: the projector starts with a LayerNorm, which LLaVA's projector does not have")
+    hidden = args.get("hidden_size", cfg.text_config.hidden_size)
+    if cfg.projector_type == "mlp" and hidden != cfg.text_config.hidden_size:
+        raise ConfigError(f"cannot export: the MLP projector's hidden size {hidden} differs from the LM's "
+                          f"{cfg.text_config.hidden_size}; LLaVA's projector uses the LM's")  # fmt: skip
+    if type(processor.image_processor) is not VLMImageProcessor:
+        raise ConfigError(f"cannot export: {type(processor.image_processor).__name__} slices images into "
+                          "several crops; LLaVA takes one crop per image")  # fmt: skip
+    for name in LOGIT_SETTINGS:
+        if getattr(cfg.text_config, name, None) not in (None, 1, 1.0):
+            raise ConfigError(f"cannot export: the LM's {name} is applied after its output layer, which LLaVA's "
+                              "lm_head would skip")  # fmt: skip
+    if getattr(model.language_model.get_output_embeddings(), "bias", None) is not None:
+        raise ConfigError("cannot export: the LM's output layer has a bias; LLaVA's lm_head has none")
+
+
+def llava_config(model: VLMForConditionalGeneration) -> LlavaConfig:
+    cfg = model.config
+    has_cls = vision.VIT_PREFIX_TOKENS[cfg.vision_config.model_type] == 1
+    return LlavaConfig(
+        vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(),
+        image_token_index=cfg.image_token_id, image_seq_length=model.tokens_per_crop,
+        projector_hidden_act=cfg.projector_args.get("act", "gelu") if cfg.projector_type == "mlp" else "linear",
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy if has_cls else "full",
+        vision_feature_layer=cfg.vision_feature_layer, multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(cfg.text_config, "tie_word_embeddings", False)),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def llava_model(model: VLMForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """A LlavaForConditionalGeneration holding `model`'s weights (strict loads: every tensor accounted for)."""
+    llava = LlavaForConditionalGeneration(llava_config(model)).to(model.dtype).eval()
+    llava.model.vision_tower.load_state_dict(model.vision_tower.state_dict())
+    llava.model.language_model.load_state_dict(model.language_model.base_model.state_dict())
+    llava.lm_head.load_state_dict(model.language_model.get_output_embeddings().state_dict())
+    target = llava.model.multi_modal_projector
+    if model.config.projector_type == "mlp":
+        for name in ("linear_1", "linear_2"):
+            getattr(target, name).load_state_dict(getattr(model.projector, name).state_dict())
+    else:  # one linear layer, then an identity activation and an identity linear_2 (exact in float)
+        target.linear_1.load_state_dict(model.projector.linear.state_dict())
+        target.linear_2.weight.copy_(torch.eye(target.linear_2.out_features))
+        target.linear_2.bias.zero_()
+    llava.generation_config = model.generation_config
+    return llava
+
+
+def llava_processor(processor: VLMProcessor, model: VLMForConditionalGeneration) -> LlavaProcessor:
+    """LLaVA's processor giving the same token ids and (to float rounding) the same pixels as `processor`."""
+    ip, cfg = processor.image_processor, model.config
+    side = {"height": ip.size, "width": ip.size}
+    resample = PILImageResampling(int(RESAMPLE[ip.resample]))  # both use PIL's numbering
+    if ip.resize_mode == "crop":
+        LOG.warning("image_resize_mode 'crop': LLaVA resizes the short side and then crops, vlmkit crops and then "
+                    "resizes; pixels at the crop edges will differ slightly")  # fmt: skip
+    image_processor = LlavaImageProcessorPil(
+        do_pad=ip.resize_mode == "pad", do_center_crop=ip.resize_mode == "crop", crop_size=side,
+        size={"shortest_edge": ip.size} if ip.resize_mode == "crop" else side, resample=resample,
+        image_mean=ip.image_mean, image_std=ip.image_std, do_convert_rgb=True,
+    )  # fmt: skip
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=processor.tokenizer, chat_template=CHAT_TEMPLATE,
+        patch_size=vision.stride(cfg.vision_config), image_token="<image>",
+        vision_feature_select_strategy=llava_config(model).vision_feature_select_strategy,
+        num_additional_image_tokens=vision.VIT_PREFIX_TOKENS[cfg.vision_config.model_type],
+    )  # fmt: skip
+
+
+def export_llava(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the vlmkit model in `model_dir` to `out_dir` in transformers' LLaVA format."""
+    from vlmkit.serve.generation import load_for_inference
+
+    model, processor = load_for_inference(model_dir, device="cpu")
+    return save_llava(model, processor, out_dir)
+
+
+def save_llava(model: VLMForConditionalGeneration, processor: VLMProcessor, out_dir: str | Path) -> Path:
+    check_exportable(model, processor)
+    out = Path(out_dir)
+    llava_model(model).save_pretrained(out)  # safetensors
+    llava_processor(processor, model).save_pretrained(out)
+    return out

@@ -1,0 +1,241 @@
+"""`vlmkit serve`: an OpenAI-compatible HTTP API in front of one model (FastAPI + uvicorn).
+
+Routes: `GET /v1/models`, `POST /v1/chat/completions` for a chat model (plain or streamed
+as server-sent events), `POST /v1/embeddings` for a retriever (query embeddings) and
+`GET /health`. Every error is a JSON body in OpenAI's shape; bad input gets a 4xx and never
+stops the server. Requests run one at a time through `vlmkit.serve.engine`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from typing import AsyncIterator, Iterator
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from vlmkit.errors import VlmkitError
+from vlmkit.model.retriever import VLMRetriever, encode_inputs
+from vlmkit.serve.engine import Busy, Engine, Finished, Job
+from vlmkit.serve.openai_schema import ApiError, ChatRequest, EmbeddingRequest, embedding_texts, parse, to_job
+
+LOG = logging.getLogger("vlmkit.serve")
+MAX_BODY_BYTES = 32 * 1024 * 1024  # enough for a few large base64 images
+MAX_PIXELS = 16_000_000  # per image, checked from its header before decoding
+
+
+def create_app(model, processor, model_name: str, api_key: str | None = None, max_waiting: int = 64) -> FastAPI:
+    """The API app for one loaded model; `api_key` set: every /v1 request needs `Authorization: Bearer KEY`."""
+    engine = Engine(model, processor, max_waiting)
+    context = model.config.text_config.max_position_embeddings
+    retriever = isinstance(model, VLMRetriever)
+    embedding_size = (model.config.multi_vector_dim or model.config.text_config.hidden_size) if retriever else None
+    tokenizer = processor.tokenizer
+    special_tokens = {str(t) for t in tokenizer.added_tokens_decoder.values() if t.special}
+    created = int(time.time())
+    app = FastAPI(title="vlmkit", docs_url=None, redoc_url=None, openapi_url=None)  # no pages that need a CDN
+    app.state.engine = engine
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:  # unknown route, wrong method
+        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        LOG.exception("request failed")
+        body = ApiError(500, f"internal error ({err.__class__.__name__})", kind="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        # Before anything reads the body, so a caller without the key learns nothing else.
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+                error = ApiError(401, "missing or incorrect API key (Authorization: Bearer KEY)",
+                                 code="invalid_api_key")  # fmt: skip
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "vlmkit"}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server has {model_name!r}", "model",
+                           code="model_not_found")  # fmt: skip
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict:
+        check_model(name)
+        return model_card()
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> tuple[torch.Tensor, int]:
+        """Query embeddings of `texts` and their token count (on the worker: it uses the tokenizer's padding)."""
+        inputs = encode_inputs(processor, model.config, queries=texts)
+        if inputs["input_ids"].shape[1] > context:
+            raise ApiError(400, f"an input is longer than this model's context of {context} tokens", "input",
+                           code="context_length_exceeded")  # fmt: skip
+        vectors = model(**{k: v.to(model.device) for k, v in inputs.items()})
+        return vectors.float().cpu(), int(inputs["attention_mask"].sum())
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict:
+        ask = parse(await read_body(request), EmbeddingRequest)
+        check_model(ask.model)
+        if not retriever:
+            raise ApiError(400, f"{model_name!r} is a generative model; /v1/embeddings needs a retriever model",
+                           "model", code="model_not_retriever")  # fmt: skip
+        if model.config.multi_vector_dim:
+            raise ApiError(400, f"{model_name!r} gives one vector per token (late interaction), which OpenAI's "
+                                "embedding format cannot carry", "model", code="multi_vector_model")  # fmt: skip
+        if ask.dimensions not in (None, embedding_size):
+            raise ApiError(400, f"this model's embeddings have {embedding_size} dimensions", "dimensions")
+        texts = embedding_texts(ask, special_tokens)
+        try:
+            vectors, tokens = await engine.run(lambda: embed(texts))
+        except Busy as err:
+            raise ApiError(429, str(err), code="server_busy", kind="rate_limit_error") from None
+        data = [{"object": "embedding", "index": i, "embedding": vector_format(v, ask.encoding_format)}
+                for i, v in enumerate(vectors)]  # fmt: skip
+        return {"object": "list", "data": data, "model": model_name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+
+    def fit_context(chat: ChatRequest, job: Job, prompt_tokens: int) -> None:
+        """Refuse what the context cannot hold; without max_tokens, shorten the default to fit."""
+        room = context - prompt_tokens
+        asked = chat.max_completion_tokens or chat.max_tokens
+        if room < 1 or (asked and asked > room):
+            raise ApiError(400, f"this model's context is {context} tokens; the prompt takes {prompt_tokens}"
+                                + (f" and max_tokens asks for {asked} more" if asked else ""),
+                           "messages", code="context_length_exceeded")  # fmt: skip
+        job.settings.max_new_tokens = min(job.settings.max_new_tokens, room)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        chat = parse(await read_body(request), ChatRequest)
+        check_model(chat.model)
+        if retriever:
+            raise ApiError(400, f"{model_name!r} is a retriever: it answers /v1/embeddings, not chat", "model",
+                           code="model_not_generative")  # fmt: skip
+        job = await run_in_threadpool(to_job, chat, special_tokens, MAX_PIXELS)  # decoding images takes a while
+        try:
+            prompt_tokens = await run_in_threadpool(engine.prompt_tokens, job.messages, job.images)
+        except VlmkitError as err:  # markers and images that disagree
+            raise ApiError(400, str(err), "messages") from None
+        fit_context(chat, job, prompt_tokens)
+        try:
+            items = engine.submit(job)
+        except Busy as err:
+            raise ApiError(429, str(err), code="server_busy", kind="rate_limit_error") from None
+        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if chat.stream:
+            usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(sse(items, reply, prompt_tokens, usage), media_type="text/event-stream")
+        text, finished = "", None
+        async for item in items:
+            if isinstance(item, Finished):
+                finished = item
+            else:
+                text += item
+        return reply | {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finished.finish_reason}],
+            "usage": usage_of(prompt_tokens, finished),
+        }  # fmt: skip
+
+    return app
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with 413 as soon as it grows past `limit` (chunked uploads too)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over {limit // 2**20} MiB", code="request_too_large")
+    return bytes(body)
+
+
+def vector_format(vector: torch.Tensor, encoding: str) -> list[float] | str:
+    """One embedding as OpenAI sends it: a list of floats, or base64 of little-endian float32."""
+    if encoding == "base64":
+        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+def usage_of(prompt_tokens: int, finished: Finished) -> dict:
+    completion = finished.completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+async def sse(items: AsyncIterator, reply: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI streams them: role, content pieces, finish reason, [usage], [DONE]."""
+
+    def event(choices: list, **extra) -> str:
+        return f"data: {json.dumps(reply | {'object': 'chat.completion.chunk', 'choices': choices} | extra)}\n\n"
+
+    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    try:
+        async for item in items:
+            if isinstance(item, Finished):
+                yield event([{"index": 0, "delta": {}, "finish_reason": item.finish_reason}])
+                if include_usage:
+                    yield event([], usage=usage_of(prompt_tokens, item))
+            else:
+                yield event([{"index": 0, "delta": {"content": item}, "finish_reason": None}])
+    except Exception as err:  # noqa: BLE001 -- the status line has gone; say it in the stream
+        LOG.exception("streamed request failed")
+        yield f"data: {json.dumps(ApiError(500, str(err), kind='server_error').body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve `app` until interrupted (loopback only unless `host` says otherwise)."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        LOG.warning("listening on %s: other machines can reach this server; protect it with --api-key", host)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` from a thread while the block runs (port 0: a free one); yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        app.state.engine.close()

@@ -1,0 +1,185 @@
+"""OpenAI's chat-completions request format: checked strictly, then turned into a vlmkit `Job`.
+
+Every problem becomes an `ApiError` in OpenAI's error shape, with a 4xx status. Images come
+only as data: URLs: a server that fetched http(s) addresses for its clients could be steered
+at internal services (server-side request forgery), so it refuses them with a clear message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.errors import VlmkitError
+from vlmkit.processing.images import open_image
+from vlmkit.serve.engine import Job
+from vlmkit.serve.generation import GenerationSettings
+
+DEFAULT_MAX_TOKENS = 256  # when a request names none (and the context has room)
+MAX_IMAGES = 8  # per request
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and "true" not a boolean; unknown fields are ignored, as OpenAI does.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int = Field(1, ge=1, le=1)  # one choice per request
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class EmbeddingRequest(_Strict):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64
+    dimensions: int | None = None
+
+
+MAX_EMBEDDING_INPUTS = 256
+
+
+def parse(body: bytes, schema: type[_Strict]) -> _Strict:
+    """The request body as `schema`, or a 400 that says what is wrong and where."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        problems = [f"{_where(e['loc']) or 'body'}: {e['msg']}" for e in err.errors()[:3]]
+        raise ApiError(400, "; ".join(problems), param=_where(err.errors()[0]["loc"]) or None) from None
+
+
+def _where(loc: tuple) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def decode_image(url: str, param: str, max_pixels: int):
+    """The PIL image of a data: URL; http(s) and anything else unreadable is a 400."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        raise ApiError(400, "this server does not fetch images from http(s) URLs; send the image inline as "
+                            "data:image/png;base64,...", param, code="image_url_not_allowed")  # fmt: skip
+    header, comma, payload = url.partition(",")
+    if scheme != "data" or not comma or not header.endswith(";base64"):
+        raise ApiError(400, "image_url must be a base64 data: URL such as data:image/png;base64,...", param,
+                       code="invalid_image_url")  # fmt: skip
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "the data: URL's payload is not valid base64", param, code="invalid_image_url") from None
+    try:
+        return open_image(raw, max_pixels=max_pixels)
+    except VlmkitError as err:
+        raise ApiError(400, str(err), param, code="invalid_image") from None
+
+
+def checked_text(text: str, special_tokens: set[str], param: str) -> str:
+    """`text`, unless it spells a special token (an <image> placeholder, a chat-turn marker)."""
+    if found := [t for t in special_tokens if t in text]:
+        raise ApiError(400, f"text may not contain the special token {found[0]!r}; send images as image_url parts",
+                       param, code="special_token_in_text")  # fmt: skip
+    return text
+
+
+def to_job(request: ChatRequest, special_tokens: set[str], max_pixels: int) -> Job:
+    """vlmkit messages (image parts become `<image>` markers in place) and decoded images."""
+    messages, images = [], []
+    for i, message in enumerate(request.messages):
+        parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+        text = ""
+        for j, part in enumerate(parts):
+            param = f"messages[{i}].content" + ("" if isinstance(message.content, str) else f"[{j}]")
+            if isinstance(part, TextPart):
+                text += checked_text(part.text, special_tokens, param)
+                continue
+            if message.role != "user":
+                raise ApiError(400, "only user messages may carry images", param)
+            if len(images) == MAX_IMAGES:
+                raise ApiError(400, f"at most {MAX_IMAGES} images per request", param)
+            images.append(decode_image(part.image_url.url, param, max_pixels))
+            text += IMAGE_MARKER + "\n"  # as vlmkit's training data places markers
+        role = "system" if message.role == "developer" else message.role
+        messages.append({"role": role, "content": text})
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be the user's", f"messages[{len(messages) - 1}].role")
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stop) > 4:
+        raise ApiError(400, "at most 4 stop sequences", "stop")
+    return Job(messages, images, settings(request), stop)
+
+
+def settings(request: ChatRequest) -> GenerationSettings:
+    """OpenAI semantics: temperature 0 is greedy; temperature and top_p default to 1 (plain sampling)."""
+    temperature = 1.0 if request.temperature is None else request.temperature
+    return GenerationSettings(
+        max_new_tokens=request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS,
+        do_sample=temperature > 0, temperature=temperature or 1.0, top_p=request.top_p or 1.0, top_k=0,
+        seed=request.seed,
+    )  # fmt: skip
+
+
+def embedding_texts(request: EmbeddingRequest, special_tokens: set[str]) -> list[str]:
+    """The texts to embed, checked: 1 to MAX_EMBEDDING_INPUTS non-empty strings."""
+    texts = [request.input] if isinstance(request.input, str) else request.input
+    if not 1 <= len(texts) <= MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"input must hold 1 to {MAX_EMBEDDING_INPUTS} texts, not {len(texts)}", "input")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise ApiError(400, "an input text is empty", f"input[{i}]")
+        checked_text(text, special_tokens, f"input[{i}]")
+    return texts

@@ -1,0 +1,81 @@
+"""Checks on the distributed settings (DDP, FSDP, DeepSpeed), made before anything is built.
+
+The engines themselves are the Trainer's: `torchrun --nproc_per_node N -m vlmkit train ...`
+gives DDP; `train.fsdp` and `train.deepspeed` hand the model to FSDP or DeepSpeed. What is
+checked here are the mistakes those engines would only report after the model is built, or
+in terms of their own option names: a DeepSpeed file that is missing, not JSON, or says
+something other than the command line does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from vlmkit.config import TrainConfig
+from vlmkit.errors import ConfigError
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def multi_process_cpu() -> bool:
+    """Several processes and no GPU: the Trainer must be told to use the CPU, or accelerate sees no
+    distributed setup and each process trains alone (gloo is then the backend)."""
+    import torch
+
+    return _world_size() > 1 and not torch.cuda.is_available()
+
+
+def _value(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def deepspeed_mismatches(ds: dict, t: TrainConfig, world_size: int) -> list[str]:
+    """Fields of a DeepSpeed config that contradict the run's settings ("auto" always agrees)."""
+    expected = {
+        "train_micro_batch_size_per_gpu": (t.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
+        "train_batch_size": (t.batch_size * t.grad_accum * world_size, "train.batch_size * grad_accum * processes"),
+        "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),
+        "bf16.enabled": (t.bf16, "train.bf16"),
+        "fp16.enabled": (False, "vlmkit's float32/bf16 training"),
+    }
+    problems = []
+    for key, (want, source) in expected.items():
+        have = _value(ds, key)
+        if have is not None and have != "auto" and have != want:
+            problems.append(f"{key} is {have!r} but {source} gives {want!r}")
+    if "optimizer" in ds:
+        problems.append("it has an optimizer section; vlmkit builds the optimizer itself (one learning rate per "
+                        "module), so remove it")  # fmt: skip
+    return problems
+
+
+def check(t: TrainConfig) -> None:
+    """Raise ConfigError for distributed settings that cannot work together or contradict each other."""
+    if t.deepspeed and t.fsdp:
+        raise ConfigError("train.deepspeed and train.fsdp are both set; choose one engine")
+    if not t.deepspeed:
+        return
+    path = Path(t.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed: {path} not found (ready configs: vlmkit/configs/deepspeed-zero*.json)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("train.deepspeed needs the deepspeed package: pip install 'vlmkit[finetune]'")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    problems = deepspeed_mismatches(ds, t, _world_size())
+    if problems:
+        raise ConfigError(f"{path} contradicts the command line: " + "; ".join(problems)
+                          + ' (use "auto" to take the command line\'s value)')  # fmt: skip

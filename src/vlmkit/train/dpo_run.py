@@ -1,0 +1,102 @@
+"""`vlmkit dpo`: preference tuning, read top to bottom -- set up, build, score, train, save.
+
+It is `vlmkit train` with preference records instead of conversations: the same config
+(stage `dpo`, with its own default learning rates), the same engines (DDP, FSDP, DeepSpeed,
+LoRA) and the same saved model directory. Before training, the starting model scores every
+pair once; those are the reference log-probs. With `data.eval`, the held-out preference
+accuracy (chosen reply more likely than the rejected one) is measured before and after and
+written to `train_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from transformers import AutoTokenizer, ProgressCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmkit.config import RunConfig, to_yaml
+from vlmkit.data.preferences import read_preferences
+from vlmkit.errors import ConfigError
+from vlmkit.model.build import build
+from vlmkit.train import distributed, lora
+from vlmkit.train.dpo import (DPOTrainer, PairCollator, PreferenceDataset, add_reference, preference_accuracy,
+                              score_pairs)  # fmt: skip
+from vlmkit.train.progress import ProgressBar
+from vlmkit.train.run import CONFIG_FILE, SUMMARY_FILE, _texts, training_arguments
+from vlmkit.train.trainer import apply_learning_rates
+
+
+def _read(paths: str | list[str], skip_bad: bool):
+    records, bad_lines = [], []
+    for path in [paths] if isinstance(paths, str) else paths:
+        more, bad = read_preferences(path, skip_bad=skip_bad)
+        records += more
+        bad_lines += bad
+    return records, bad_lines
+
+
+def run_dpo(cfg: RunConfig, log=print) -> Path:
+    """Train with DPO as configured; returns the directory of the saved model."""
+    if not cfg.data.train:
+        raise ConfigError("no preference data: give --train-data or data.train (see `vlmkit data preferences`)")
+    out = Path(cfg.train.output_dir)
+    set_seed(cfg.train.seed)
+    log(f"vlmkit dpo: configuration\n{to_yaml(cfg)}")
+    distributed.check(cfg.train)
+
+    records, bad_lines = _read(cfg.data.train, cfg.data.skip_bad)  # every record checked before the model is built
+    eval_records = read_preferences(cfg.data.eval, skip_bad=cfg.data.skip_bad)[0] if cfg.data.eval else None
+    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
+    built = build(cfg.model, training_texts=lambda: _texts(records), tokenizer=tokenizer)
+    model, processor = built.model, built.processor
+    rates = cfg.train.learning_rates(built.random_modules)
+    if cfg.lora.enabled:
+        lora.check(cfg.lora, rates, cfg.model)
+        model = lora.wrap(model, processor, cfg.lora, cfg.model, out)
+    trainable = apply_learning_rates(model, rates)
+    log(f"learning rates {vars(rates)}; trainable parameters {trainable}; beta {cfg.dpo.beta}")
+
+    kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels}
+    train_set = PreferenceDataset(records, processor, **kwargs)
+    train_set.skipped = bad_lines + train_set.skipped
+    eval_set = PreferenceDataset(eval_records, processor, **kwargs) if eval_records else None
+    collator = PairCollator(processor.tokenizer.pad_token_id)
+    trainer = DPOTrainer(model=model, args=training_arguments(cfg, rates, has_eval=False), train_dataset=train_set,
+                         data_collator=collator, processing_class=processor, learning_rates=rates,
+                         beta=cfg.dpo.beta)  # fmt: skip
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+
+    # The starting model's scores are the reference (the Trainer has put the model on its device by now).
+    reference = score_pairs(trainer.model, train_set, collator, cfg.train.batch_size)
+    add_reference(train_set, reference)
+    metrics = {"train_preference_accuracy_before": preference_accuracy(reference)}
+    if eval_set is not None:
+        metrics["eval_preference_accuracy_before"] = preference_accuracy(score_pairs(trainer.model, eval_set, collator))
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - start
+    metrics.update(result.metrics)
+    after = score_pairs(trainer.model, train_set, collator)
+    metrics["train_preference_accuracy_after"] = preference_accuracy(after)
+    metrics["train_reward_accuracy_after"] = preference_accuracy(after - reference)  # DPO's implicit reward
+    if eval_set is not None:
+        metrics["eval_preference_accuracy_after"] = preference_accuracy(score_pairs(trainer.model, eval_set, collator))
+
+    if cfg.lora.enabled:
+        lora.save(trainer, cfg.lora, out)
+    else:
+        trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        (out / CONFIG_FILE).write_text(to_yaml(cfg))
+        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "n_pairs": len(train_set),
+                   "skipped_records": len(train_set.skipped), "metrics": metrics}  # fmt: skip
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        accuracy = {k: round(v, 3) for k, v in metrics.items() if "preference_accuracy" in k}
+        log(f"saved model to {out} ({summary['steps']} steps in {train_seconds:.0f}s); preference accuracy {accuracy}")
+    return out

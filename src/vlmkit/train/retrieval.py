@@ -1,0 +1,219 @@
+"""`vlmkit retriever train`: contrastive training of a page retriever, read top to bottom.
+
+Set up (config, pairs, page store), build (a VLM from scratch or a trained one, wrapped as
+a `VLMRetriever`), train (`RetrieverTrainer`: InfoNCE, optional GradCache), save (weights,
+config and processor, loadable with `VLMRetriever.from_pretrained`).
+
+The config has the sections of `vlmkit train` (model, data, train) plus `retrieval`; the
+`model` section says what VLM to start from (`model.init_from` for a trained one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoTokenizer, ProgressCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmkit.config import ModelConfig, TrainConfig, _from_dict, _merge
+from vlmkit.data.page_store import PageStore
+from vlmkit.data.pairs import PairBatches, check_ids, read_pairs
+from vlmkit.errors import ConfigError
+from vlmkit.model.build import build
+from vlmkit.model.retriever import RETRIEVAL_FIELDS, RetrieverConfig, VLMRetriever, encode_inputs
+from vlmkit.processing.processor import VLMProcessor
+from vlmkit.train.contrastive import RetrieverTrainer
+from vlmkit.train.progress import ProgressBar
+from vlmkit.train.run import training_arguments
+from vlmkit.train.trainer import apply_learning_rates
+
+CONFIG_FILE = "vlmkit_retriever.yaml"
+SUMMARY_FILE = "train_summary.json"
+
+
+@dataclass
+class RetrievalConfig:
+    """How embeddings are made (saved in the model's config) and how the contrastive loss is set up."""
+
+    init_from: str | None = None  # a saved retriever to go on training (model.* is then ignored)
+    pooling: str = "last"
+    normalize: bool = True
+    query_prefix: str = "query: "
+    doc_prefix: str = "page: "
+    bidirectional: bool = False
+    multi_vector_dim: int = 0  # > 0: one vector of this size per token, MaxSim scoring (ColPali)
+    temperature: float = 0.02
+    hard_negatives: int = 0  # per query, drawn from each pair's "neg" list
+    grad_cache: bool = False
+    grad_cache_micro_batch_size: int = 8
+
+
+@dataclass
+class RetrieverDataConfig:
+    train: str | None = None  # pairs JSONL
+    docs: str | None = None  # page store holding every page the pairs name
+    num_workers: int = 0
+
+
+@dataclass
+class RetrieverRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    data: RetrieverDataConfig = field(default_factory=RetrieverDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/retriever"))
+
+
+def load_retriever_config(path: str | Path | None = None, overrides: list[str] = ()) -> RetrieverRunConfig:
+    """Defaults, then the YAML file, then `section.key=value` overrides (as `vlmkit train` reads its config)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, retrieval, data, train)")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(text)
+    defaults = dataclasses.asdict(RetrieverRunConfig())
+    config = _from_dict(RetrieverRunConfig, _merge(defaults, data), str(path or "config"))
+    config.train.learning_rates()  # validates the stage name early
+    return config
+
+
+def to_yaml(config: RetrieverRunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+class PageBatchCollator:
+    """A `PairBatches` item (query texts, page ids) -> model inputs; pages are read from the store here,
+    in the DataLoader worker, which opens its own handle on the store."""
+
+    def __init__(self, processor: VLMProcessor, config: RetrieverConfig, store: PageStore):
+        self.processor, self.config, self.store = processor, config, store
+
+    def __call__(self, items: list[dict]) -> dict:
+        (item,) = items  # the DataLoader's batch size is 1: each item is a whole batch already
+        images = [self.store.image(doc_id) for doc_id in item["doc_ids"]]
+        return {"query": encode_inputs(self.processor, self.config, queries=item["queries"]),
+                "doc": encode_inputs(self.processor, self.config, images=images)}  # fmt: skip
+
+
+def build_retriever(cfg: RetrieverRunConfig, training_texts,
+                    tokenizer=None) -> tuple[VLMRetriever, VLMProcessor, frozenset[str]]:  # fmt: skip
+    """The retriever to train, its processor, and which modules start from random weights."""
+    r = cfg.retrieval
+    if r.init_from:
+        model = VLMRetriever.from_pretrained(r.init_from, attn_implementation=cfg.model.attn_implementation)
+        return model, VLMProcessor.from_pretrained(r.init_from), frozenset()
+    built = build(cfg.model, training_texts=training_texts, tokenizer=tokenizer)
+    options = {name: getattr(r, name) for name in RETRIEVAL_FIELDS}
+    return VLMRetriever.from_vlm(built.model, **options), built.processor, built.random_modules
+
+
+def make_trainer(cfg: RetrieverRunConfig, model: VLMRetriever, processor: VLMProcessor, pairs, store: PageStore,
+                 rates, trainer_class=RetrieverTrainer) -> RetrieverTrainer:  # fmt: skip
+    """The Trainer for a built model; `trainer_class` lets tests record what it does."""
+    args = training_arguments(cfg, rates, has_eval=False)
+    args.per_device_train_batch_size = 1  # one dataset item is one whole (per-process) batch
+    args.include_num_input_tokens_seen = "no"
+    train_set = PairBatches(pairs, cfg.train.batch_size, world_size=args.world_size,
+                            hard_negatives=cfg.retrieval.hard_negatives, seed=cfg.train.seed)  # fmt: skip
+    r = cfg.retrieval
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=PageBatchCollator(processor, model.config, store),
+        processing_class=processor,
+        learning_rates=rates,
+        temperature=r.temperature,
+        grad_cache_micro_batch_size=r.grad_cache_micro_batch_size if r.grad_cache else 0,
+    )
+
+
+def run(cfg: RetrieverRunConfig, log=print) -> Path:
+    """Train a retriever as configured; returns the directory of the saved model."""
+    if not cfg.data.train or not cfg.data.docs:
+        raise ConfigError("retriever training needs --train-data PAIRS.jsonl and --docs STORE.h5")
+    if cfg.retrieval.grad_cache and cfg.retrieval.grad_cache_micro_batch_size < 1:
+        raise ConfigError("retrieval.grad_cache_micro_batch_size must be at least 1")
+    out = Path(cfg.train.output_dir)
+    set_seed(cfg.train.seed)
+    log(f"vlmkit retriever train: configuration\n{to_yaml(cfg)}")
+
+    pairs = read_pairs(cfg.data.train)
+    store = PageStore(cfg.data.docs)
+    check_ids(pairs, store.index.keys(), cfg.data.train, cfg.data.docs)
+    # Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
+    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
+    if cfg.train.resume and checkpoint is None:
+        log(f"no checkpoint in {out}; starting from the beginning")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
+    model, processor, random_modules = build_retriever(cfg, lambda: [p.query for p in pairs], tokenizer)
+    rates = cfg.train.learning_rates(random_modules)
+    trainable = apply_learning_rates(model, rates)
+    log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
+
+    trainer = make_trainer(cfg, model, processor, pairs, store, rates)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - start
+
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        (out / CONFIG_FILE).write_text(to_yaml(cfg))
+        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step,
+                   "n_params": sum(p.numel() for p in model.parameters()), "n_pairs": len(pairs),
+                   "batches_per_epoch": len(trainer.train_dataset), "metrics": dict(result.metrics),
+                   "cuda": torch.cuda.is_available()}  # fmt: skip
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        log(f"saved retriever to {out} ({summary['steps']} steps in {train_seconds:.0f}s)")
+    return out
+
+
+def run_demo(out: str | Path, data: str | Path, quick: bool = False, log=print) -> dict:
+    """`make demo-retrieval`: built-in documents, the `retriever-tiny` recipe from scratch, held-out evaluation.
+
+    Writes `out/metrics.json` (the evaluation metrics plus `train_seconds`) and returns it.
+    """
+    from importlib import resources
+
+    from vlmkit.data.synth_docs import synth_docs
+    from vlmkit.eval.retrieval import evaluate
+
+    out, data = Path(out), Path(data)
+    if not (data / "test_qrels.tsv").is_file():
+        synth_docs(data)
+    overrides = [f"data.train={data / 'train_pairs.jsonl'}", f"data.docs={data / 'train_docs.h5'}",
+                 f"train.output_dir={out / 'model'}"]  # fmt: skip
+    if quick:
+        overrides += ["train.max_steps=20", "train.batch_size=8"]
+    recipe = resources.files("vlmkit").joinpath("configs/retriever-tiny.yaml")
+    model_dir = run(load_retriever_config(str(recipe), overrides), log=log)
+    summary = json.loads((model_dir / SUMMARY_FILE).read_text())
+    metrics = evaluate(model_dir, data / "test_docs.h5", data / "test_queries.jsonl", data / "test_qrels.tsv",
+                       out / "eval" / "metrics.json")  # fmt: skip
+    metrics["train_seconds"] = round(summary["train_seconds"], 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,91 @@
+"""LoRA: only adapters (and modules_to_save) train; adapters and merged models save and load exactly;
+bad settings fail before training."""
+
+import pytest
+import torch
+
+from tests.finetune.helpers import make_config, run
+from vlmkit.data.dataset import Collator, ConversationDataset
+from vlmkit.errors import ConfigError
+from vlmkit.model.modeling import VLMForConditionalGeneration
+from vlmkit.train import lora
+from vlmkit.train.trainer import module_of
+
+LORA = ["lora.enabled=true", "train.max_steps=3", "train.lr.lm=1e-2", "train.lr.projector=1e-2"]
+
+
+def _logits(model, processor, records):
+    batch = Collator(processor.tokenizer.pad_token_id)(
+        [ConversationDataset(records[:3], processor, max_length=1024)[i] for i in range(3)]
+    )
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def test_only_adapters_and_the_projector_change(synth_dir, tmp_path, trainers):
+    run(make_config(synth_dir / "train.jsonl", tmp_path / "run", LORA + ["lora.vision=true", "train.lr.vision=1e-2"]))
+    (trainer,) = trainers
+    before, after = trainer.initial_state, trainer.model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    adapters = {k for k in after if "lora_" in k}
+    copies = {k for k in after if "modules_to_save" in k}
+    assert {module_of(k) for k in adapters} == {"lm", "vision"}
+    assert {module_of(k) for k in copies} == {"projector"}
+    # lora_B starts at zero, so after a few steps every B matrix has moved; nothing outside the adapters
+    # and the projector's trainable copy has.
+    assert all(k in changed for k in adapters if "lora_B" in k)
+    assert all(k in changed for k in copies)
+    assert changed <= adapters | copies
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if not ("lora_" in n or
+                                                                                     "modules_to_save" in n))
+    # Each module's trainable parameters keep their module's own rate.
+    groups = trainer.optimizer.param_groups
+    assert {g["name"].removesuffix("_no_decay") for g in groups} == {"lm", "vision", "projector"}
+    assert all(g["initial_lr"] == 1e-2 for g in groups)
+
+
+def test_adapter_save_then_load_gives_identical_logits(synth_dir, train_records, tmp_path, trainers):
+    out = run(make_config(synth_dir / "train.jsonl", tmp_path / "run", LORA))
+    (trainer,) = trainers
+    assert lora.is_adapter(out) and (out / "base" / "config.json").is_file()
+    assert not (out / "model.safetensors").exists()  # the adapters alone, not a full copy
+
+    trained = _logits(trainer.model, trainer.processing_class, train_records)
+    loaded, processor = lora.load(out)
+    assert torch.equal(_logits(loaded, processor, train_records), trained)
+    base, _ = lora.load(out / "base")
+    assert not torch.allclose(_logits(base, processor, train_records), trained, atol=1e-3)  # the adapters matter
+
+    merged, _ = lora.load(out, merge=True)
+    assert isinstance(merged, VLMForConditionalGeneration)
+    merged_logits = _logits(merged, processor, train_records)
+    assert torch.allclose(merged_logits, trained, atol=1e-5)  # merging only reorders float operations
+    merged.save_pretrained(tmp_path / "merged")
+    processor.save_pretrained(tmp_path / "merged")
+    reloaded, _ = lora.load(tmp_path / "merged")
+    assert torch.equal(_logits(reloaded, processor, train_records), merged_logits)
+
+
+def test_merged_save_writes_one_plain_model(synth_dir, train_records, tmp_path, trainers):
+    out = run(make_config(synth_dir / "train.jsonl", tmp_path / "run", LORA + ["lora.save=merged"]))
+    (trainer,) = trainers
+    assert not lora.is_adapter(out) and not (out / "base").exists()
+    trained = _logits(trainer.model, trainer.processing_class, train_records)
+    model = VLMForConditionalGeneration.from_pretrained(out)
+    assert not any("lora" in n or "modules_to_save" in n for n in model.state_dict())
+    assert torch.allclose(_logits(model, trainer.processing_class, train_records), trained, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(["lora.target_modules=[q_proj, qkv]"], "lora.target_modules: qkv match no linear layer"),
+     (["lora.vision=true", "train.lr.vision=0"], "lora.vision is on but train.lr.vision is 0"),
+     (["lora.quantize=4bit"], "needs a CUDA GPU and the bitsandbytes package"),
+     (["lora.save=both"], "lora.save 'both'")],
+)  # fmt: skip
+def test_bad_lora_settings_fail_before_training(synth_dir, tmp_path, trainers, overrides, message):
+    if "quantize" in overrides[0] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the message is for machines without one")
+    with pytest.raises(ConfigError, match=message):
+        run(make_config(synth_dir / "train.jsonl", tmp_path / "run", LORA + overrides))
+    assert trainers == []  # no trainer was built, so no step ran

@@ -1,0 +1,40 @@
+"""The retrieval commands end to end on the built-in documents: synth -> train -> index -> search -> eval."""
+
+import json
+
+import yaml
+
+from tests.conftest import TEST_TEXT, TEST_VISION
+from vlmkit.cli import main
+
+
+def test_docs_synth_train_index_search_eval(tmp_path, capsys):
+    data, model = tmp_path / "docs", tmp_path / "model"
+    assert main(["docs", "synth", "--out", str(data), "--train", "40", "--test", "12", "--size", "32"]) == 0
+    config = tmp_path / "retriever.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"vision_config": TEST_VISION, "text_config": TEST_TEXT, "vocab_size": 400},
+        "train": {"batch_size": 8, "report_to": [], "logging_steps": 1, "save_steps": 1000},
+    }))  # fmt: skip
+    assert main(["retriever", "train", str(config), "--train-data", str(data / "train_pairs.jsonl"), "--docs",
+                 str(data / "train_docs.h5"), "--output-dir", str(model), "--max-steps", "2", "--grad-cache",
+                 "--grad-cache-micro-batch-size", "3", "--set", "retrieval.pooling=mean"]) == 0  # fmt: skip
+    saved = json.loads((model / "config.json").read_text())
+    assert saved["model_type"] == "vlmkit_retriever" and saved["pooling"] == "mean"
+    assert json.loads((model / "train_summary.json").read_text())["steps"] == 2
+
+    index = tmp_path / "index.safetensors"
+    assert main(["retriever", "index", "--model", str(model), "--docs", str(data / "test_docs.h5"),
+                 "--out", str(index)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["retriever", "search", "a red header", "--model", str(model), "--index", str(index), "--k", "3"]) == 0
+    hits = capsys.readouterr().out.splitlines()
+    assert len(hits) == 3 and all(line.split()[-1].startswith("test-") for line in hits)
+
+    metrics_path = tmp_path / "metrics.json"
+    assert main(["retriever", "eval", "--model", str(model), "--docs", str(data / "test_docs.h5"), "--queries",
+                 str(data / "test_queries.jsonl"), "--qrels", str(data / "test_qrels.tsv"), "--output",
+                 str(metrics_path)]) == 0  # fmt: skip
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["n_queries"] == metrics["n_docs"] == 12 and 0 <= metrics["ndcg@10"] <= 1
+    assert main(["retriever", "search", " ", "--model", str(model), "--index", str(index)]) == 2  # empty query

@@ -1,0 +1,71 @@
+"""Query generation and filtering run batched, append as they go and resume; pairs split by page."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model_config
+from vlmkit.data.page_store import PageStore
+from vlmkit.data.pairs import read_pairs
+from vlmkit.data.queries import filter_queries, generate_queries, make_pairs
+from vlmkit.errors import DataError
+from vlmkit.eval.retrieval import read_qrels, read_queries
+
+
+@pytest.fixture(scope="module")
+def vlm(pairs):
+    from vlmkit.model.build import build
+
+    torch.manual_seed(0)
+    built = build(tiny_model_config(), training_texts=lambda: [p.query for p in pairs])
+    return built.model.eval(), built.processor
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_generate_resumes_and_filter_decides_once(vlm, docs_dir, tmp_path):
+    store = PageStore(docs_dir / "test_docs.h5")
+    out = tmp_path / "queries.jsonl"
+    first = store.ids[:5]
+    out.write_text("".join(json.dumps({"id": f"{d}::q", "doc_id": d, "text": f"old {d}"}) + "\n" for d in first))
+    written, empty = generate_queries(*vlm, store, out, batch_size=4, max_new_tokens=6, progress=False)
+    assert written + empty == len(store) - 5  # the 5 pages already done were skipped
+    lines = _lines(out)
+    assert [r["text"] for r in lines[:5]] == [f"old {d}" for d in first]
+    assert len({r["doc_id"] for r in lines}) == len(lines) and all(r["text"] for r in lines)
+
+    decided = tmp_path / "decided.jsonl"
+    kept, dropped = filter_queries(*vlm, out, decided, batch_size=5, progress=False)
+    assert kept + dropped == len(lines)
+    assert all(0 <= r["p_keep"] <= 1 and r["keep"] == (r["p_keep"] >= 0.5) for r in _lines(decided))
+    assert filter_queries(*vlm, out, decided, progress=False) == (0, 0)  # nothing left to decide
+
+
+def test_filter_probability_does_not_depend_on_the_batch(vlm, tmp_path):
+    queries = tmp_path / "q.jsonl"
+    texts = ["red header", "a much longer query about a purple bar chart at the bottom right", "blue"]
+    lines = [json.dumps({"id": str(i), "doc_id": "d", "text": t}) + "\n" for i, t in enumerate(texts)]
+    queries.write_text("".join(lines))
+    filter_queries(*vlm, queries, tmp_path / "a.jsonl", batch_size=3, progress=False)
+    filter_queries(*vlm, queries, tmp_path / "b.jsonl", batch_size=1, progress=False)
+    together, alone = _lines(tmp_path / "a.jsonl"), _lines(tmp_path / "b.jsonl")
+    assert [r["p_keep"] for r in together] == pytest.approx([r["p_keep"] for r in alone], abs=1e-4)
+
+
+def test_make_pairs_splits_by_page(tmp_path):
+    records = [{"id": f"q{i}", "doc_id": f"d{i % 10}", "text": f"query {i}", "keep": i % 7 != 0} for i in range(40)]
+    (tmp_path / "decided.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = make_pairs(tmp_path / "decided.jsonl", tmp_path / "out", test_fraction=0.3)
+    train_pages = {d for p in read_pairs(paths["train_pairs.jsonl"]) for d in p.pos}
+    qrels = read_qrels(paths["test_qrels.tsv"])
+    test_pages = {d for judged in qrels.values() for d in judged}
+    assert train_pages and test_pages and not train_pages & test_pages
+    assert set(read_queries(paths["test_queries.jsonl"])) == set(qrels)
+    n_kept = sum(r["keep"] for r in records)
+    assert len(read_pairs(paths["train_pairs.jsonl"])) + len(qrels) == n_kept
+    (tmp_path / "none.jsonl").write_text(json.dumps({**records[0], "keep": False}) + "\n")
+    with pytest.raises(DataError, match="no kept queries"):
+        make_pairs(tmp_path / "none.jsonl", tmp_path / "out2")
