@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test test-slow test-all bench lint clean chromium
+.PHONY: demo demo-quick demo-retrieval test test-slow test-all clean chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/vlmkit demo --out runs/demo-quick --data data/synth-quick --quick
+
+demo-retrieval: $(STAMP)
+	$(BIN)/vlmkit retriever demo --out runs/demo-retrieval --data data/synth-docs
 
 # The web UI's browser test drives Debian's chromium (through playwright, which needs no
 # download of its own). Installed here when missing and apt-get can run as root; otherwise
@@ -46,4 +49,4 @@ test-all: $(STAMP) chromium
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf runs data/synth data/synth-quick
+	rm -rf runs data/synth data/synth-quick data/synth-docs

@@ -39,7 +39,7 @@ class Counting(run_module.VLMTrainer):
     def training_step(self, model, inputs, *args, **kwargs):
         ids = inputs["input_ids"]
         self.tokens += ids.numel()
-        self.real_tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel()
+        self.real_tokens += int((ids != self.processing_class.tokenizer.pad_token_id).sum())
         self.supervised += int((inputs["labels"] != IGNORE_INDEX).sum())
         return super().training_step(model, inputs, *args, **kwargs)
 

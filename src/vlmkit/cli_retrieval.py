@@ -1,0 +1,206 @@
+"""The retrieval half of the `vlmkit` command: `vlmkit docs ...` (page stores, queries, pairs)
+and `vlmkit retriever ...` (train, index, search, eval, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _docs_synth(args) -> None:
+    from vlmkit.data.synth_docs import synth_docs
+
+    paths = synth_docs(Path(args.out), n_train=args.train, n_test=args.test, queries_per_page=args.queries_per_page,
+                       seed=args.seed, size=args.size)  # fmt: skip
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def _docs_render(args) -> None:
+    from vlmkit.data.pdf import render_to_store
+
+    report = render_to_store(args.inputs, args.out, dpi=args.dpi, min_side=args.min_side, workers=args.workers)
+    print(report.summary())
+
+
+def _docs_add_images(args) -> None:
+    from vlmkit.data.pdf import add_images
+
+    print(add_images(args.inputs, args.out).summary())
+
+
+def _docs_gen_queries(args) -> None:
+    from vlmkit.data.page_store import PageStore
+    from vlmkit.data.queries import generate_queries
+    from vlmkit.serve.generation import load_for_inference
+
+    model, processor = load_for_inference(args.model)
+    written, empty = generate_queries(model, processor, PageStore(args.docs), args.out, args.prompt,
+                                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)  # fmt: skip
+    print(f"wrote {written} queries to {args.out}" + (f"; {empty} empty replies (re-run to retry)" if empty else ""))
+
+
+def _docs_filter_queries(args) -> None:
+    from vlmkit.data.queries import filter_queries
+    from vlmkit.serve.generation import load_for_inference
+
+    model, processor = load_for_inference(args.model)
+    kept, dropped = filter_queries(model, processor, args.queries, args.out, args.prompt,
+                                   batch_size=args.batch_size, threshold=args.threshold)  # fmt: skip
+    print(f"kept {kept}, dropped {dropped}; decisions in {args.out}")
+
+
+def _docs_make_pairs(args) -> None:
+    from vlmkit.data.queries import make_pairs
+
+    for name, path in make_pairs(args.queries, args.out, args.test_fraction, args.seed).items():
+        print(f"{name}: {path}")
+
+
+def _retriever_train(args) -> None:
+    from vlmkit.train.retrieval import load_retriever_config, run
+
+    overrides = list(args.set or [])
+    for flag, key in (("train_data", "data.train"), ("docs", "data.docs"), ("output_dir", "train.output_dir"),
+                      ("max_steps", "train.max_steps"), ("seed", "train.seed"),
+                      ("grad_cache_micro_batch_size", "retrieval.grad_cache_micro_batch_size")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
+    if args.grad_cache:
+        overrides.append("retrieval.grad_cache=true")
+    run(load_retriever_config(args.config, overrides))
+
+
+def _retriever_index(args) -> None:
+    import torch.distributed as dist
+
+    from vlmkit.data.page_store import PageStore
+    from vlmkit.eval.retrieval import build_index, init_distributed, load_retriever, save_index
+
+    init_distributed()
+    model, processor = load_retriever(args.model)
+    ids, embeddings = build_index(model, processor, PageStore(args.docs), args.batch_size)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_index(args.out, ids, embeddings)
+        print(f"wrote {args.out}: {len(ids)} pages")
+
+
+def _retriever_search(args) -> None:
+    from vlmkit.data.page_store import PageStore
+    from vlmkit.errors import ConfigError
+    from vlmkit.eval.retrieval import build_index, encode_queries, load_index, load_retriever, search
+
+    if not args.query.strip():
+        raise ConfigError("the query is empty")
+    if (args.index is None) == (args.docs is None):
+        raise ConfigError("give exactly one of --index (from `vlmkit retriever index`) and --docs")
+    model, processor = load_retriever(args.model)
+    ids, embeddings = load_index(args.index) if args.index else build_index(model, processor, PageStore(args.docs))
+    scores, indices = search(encode_queries(model, processor, [args.query]), embeddings, args.k)
+    for rank, (value, index) in enumerate(zip(scores[0].tolist(), indices[0].tolist()), 1):
+        print(f"{rank:3d}  {value:.4f}  {ids[index]}")
+
+
+def _retriever_demo(args) -> None:
+    from vlmkit.train.retrieval import run_demo
+
+    run_demo(args.out, args.data, quick=args.quick)
+
+
+def _retriever_eval(args) -> None:
+    from vlmkit.eval.retrieval import evaluate, init_distributed
+
+    init_distributed()
+    output = args.output or str(Path(args.model) / "retrieval_metrics.json")
+    metrics = evaluate(args.model, args.docs, args.queries, args.qrels, output, batch_size=args.batch_size,
+                       index=args.index)  # fmt: skip
+    print(json.dumps(metrics, indent=2))
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add the `docs` and `retriever` command groups to the main parser."""
+    docs = commands.add_parser("docs", help="document pages for retrieval: page stores, queries, pairs")
+    docs = docs.add_subparsers(dest="docs_command", required=True)
+    dsynth = docs.add_parser("synth", help="write the built-in document pages, pairs, queries and qrels (no download)")
+    dsynth.add_argument("--out", default="data/synth-docs")
+    dsynth.add_argument("--train", type=int, default=864, help="train pages (default: all 864 combinations)")
+    dsynth.add_argument("--test", type=int, default=200, help="held-out test pages")
+    dsynth.add_argument("--queries-per-page", type=int, default=3)
+    dsynth.add_argument("--size", type=int, default=64, help="page height in pixels")
+    dsynth.add_argument("--seed", type=int, default=0)
+    dsynth.set_defaults(func=_docs_synth)
+    render = docs.add_parser("render", help="render PDF pages into a page store (pypdfium2, parallel)")
+    render.add_argument("inputs", nargs="+", metavar="PDF_OR_DIR")
+    render.add_argument("--out", required=True, help="page store (.h5); pages already in it are skipped")
+    render.add_argument("--dpi", type=float, default=150)
+    render.add_argument("--min-side", type=int, default=0, help="raise the dpi until the shorter side has PX pixels")
+    render.add_argument("--workers", type=int, help="processes (default: one per core)")
+    render.set_defaults(func=_docs_render)
+    add_images = docs.add_parser("add-images", help="store image files (or folders of them) as pages")
+    add_images.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    add_images.add_argument("--out", required=True, help="page store (.h5)")
+    add_images.set_defaults(func=_docs_add_images)
+    gen = docs.add_parser("gen-queries", help="one search query per page, generated by a VLM (resumable)")
+    gen.add_argument("--model", required=True, help="a saved vlmkit VLM")
+    gen.add_argument("--docs", required=True, help="page store")
+    gen.add_argument("--out", required=True, help="queries JSONL; pages already in it are skipped")
+    gen.add_argument("--prompt", help="text file with the prompt (default: vlmkit.data.queries.GENERATE_PROMPT)")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.set_defaults(func=_docs_gen_queries)
+    filt = docs.add_parser("filter-queries", help="keep queries specific to one page (few-shot LM; resumable)")
+    filt.add_argument("--model", required=True, help="a saved vlmkit model, used as a language model")
+    filt.add_argument("--queries", required=True, help="queries JSONL from gen-queries")
+    filt.add_argument("--out", required=True, help="queries with keep/drop decisions; decided ones are skipped")
+    filt.add_argument("--prompt", help="text file with a few-shot prompt containing {query}")
+    filt.add_argument("--threshold", type=float, default=0.5, help="keep when P(yes) >= this")
+    filt.add_argument("--batch-size", type=int, default=16)
+    filt.set_defaults(func=_docs_filter_queries)
+    mpairs = docs.add_parser("make-pairs", help="kept queries -> train pairs + test queries/qrels, split by page")
+    mpairs.add_argument("--queries", required=True)
+    mpairs.add_argument("--out", required=True, help="output folder")
+    mpairs.add_argument("--test-fraction", type=float, default=0.2)
+    mpairs.add_argument("--seed", type=int, default=0)
+    mpairs.set_defaults(func=_docs_make_pairs)
+
+    retriever = commands.add_parser("retriever", help="train, index, search and evaluate a page retriever")
+    retriever = retriever.add_subparsers(dest="retriever_command", required=True)
+    rtrain = retriever.add_parser("train", help="contrastive training of a retriever on query-page pairs")
+    rtrain.add_argument("config", nargs="?", help="YAML config (sections model, retrieval, data, train)")
+    rtrain.add_argument("--train-data", help="pairs JSONL")
+    rtrain.add_argument("--docs", help="page store with the pages the pairs name")
+    rtrain.add_argument("--output-dir")
+    rtrain.add_argument("--grad-cache", action="store_true", help="GradCache: big batches in bounded memory")
+    rtrain.add_argument("--grad-cache-micro-batch-size", type=int)
+    rtrain.add_argument("--max-steps", type=int)
+    rtrain.add_argument("--seed", type=int)
+    rtrain.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config values")
+    rtrain.set_defaults(func=_retriever_train)
+    rindex = retriever.add_parser("index", help="encode a page store into an index (sharded under torchrun)")
+    rindex.add_argument("--model", required=True)
+    rindex.add_argument("--docs", required=True)
+    rindex.add_argument("--out", required=True, help="index file (.safetensors)")
+    rindex.add_argument("--batch-size", type=int, default=32)
+    rindex.set_defaults(func=_retriever_index)
+    rsearch = retriever.add_parser("search", help="the top pages for one query")
+    rsearch.add_argument("query")
+    rsearch.add_argument("--model", required=True)
+    rsearch.add_argument("--index", help="an index from `vlmkit retriever index`")
+    rsearch.add_argument("--docs", help="or a page store, encoded on the spot")
+    rsearch.add_argument("--k", type=int, default=10)
+    rsearch.set_defaults(func=_retriever_search)
+    reval = retriever.add_parser("eval", help="nDCG@5/@10, recall@10 and MRR@10 on queries + qrels")
+    reval.add_argument("--model", required=True)
+    reval.add_argument("--docs", required=True, help="the corpus, a page store")
+    reval.add_argument("--queries", required=True, help='JSONL of {"id", "text"}')
+    reval.add_argument("--qrels", required=True, help="TSV with header query-id, corpus-id, score")
+    reval.add_argument("--output", help="metrics JSON (a TREC run file goes beside it)")
+    reval.add_argument("--index", help="use this index instead of encoding the store")
+    reval.add_argument("--batch-size", type=int, default=32)
+    reval.set_defaults(func=_retriever_eval)
+    rdemo = retriever.add_parser("demo", help="built-in documents -> tiny retriever from scratch -> held-out metrics")
+    rdemo.add_argument("--out", default="runs/demo-retrieval")
+    rdemo.add_argument("--data", default="data/synth-docs")
+    rdemo.add_argument("--quick", action="store_true", help="a much smaller run, to check the pipeline")
+    rdemo.set_defaults(func=_retriever_demo)
