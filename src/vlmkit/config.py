@@ -188,8 +188,13 @@ def _from_dict(cls, data: dict, where: str):
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()})
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults, then the YAML file (if any), then `section.key=value` overrides, in that order."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), root: type = RunConfig):
+    """Defaults, then the YAML file (if any), then `section.key=value` overrides, in that order.
+
+    `root` is the dataclass of the whole config: `RunConfig` for `vlmkit train`, another one
+    for other commands (the retriever's) that share the sections and this reading.
+    """
+    sections = ", ".join(f.name for f in dataclasses.fields(root))
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -200,7 +205,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, lora, dpo)")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections ({sections})")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -211,7 +216,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(text)
-    config = _from_dict(RunConfig, _merge(dataclasses.asdict(RunConfig()), data), str(path or "config"))
+    config = _from_dict(root, _merge(dataclasses.asdict(root()), data), str(path or "config"))
     config.train.learning_rates()  # validates the stage name early
     return config
 
@@ -228,5 +233,5 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def to_yaml(config: RunConfig) -> str:
+def to_yaml(config) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

@@ -10,23 +10,26 @@ The config has the sections of `vlmkit train` (model, data, train) plus `retriev
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import AutoTokenizer, ProgressCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from vlmkit.config import ModelConfig, TrainConfig, _from_dict, _merge
+from vlmkit.config import ModelConfig, TrainConfig, load_config, to_yaml
 from vlmkit.data.page_store import PageStore
 from vlmkit.data.pairs import PairBatches, check_ids, read_pairs
 from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
-from vlmkit.model.retriever import RETRIEVAL_FIELDS, RetrieverConfig, VLMRetriever, encode_inputs
+from vlmkit.model.retriever import (
+    RETRIEVAL_FIELDS,
+    RetrieverConfig,
+    VLMRetriever,
+    encode_inputs,
+)
 from vlmkit.processing.processor import VLMProcessor
 from vlmkit.train.contrastive import RetrieverTrainer
 from vlmkit.train.progress import ProgressBar
@@ -71,35 +74,7 @@ class RetrieverRunConfig:
 
 def load_retriever_config(path: str | Path | None = None, overrides: list[str] = ()) -> RetrieverRunConfig:
     """Defaults, then the YAML file, then `section.key=value` overrides (as `vlmkit train` reads its config)."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, retrieval, data, train)")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        node, parts = data, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
-    defaults = dataclasses.asdict(RetrieverRunConfig())
-    config = _from_dict(RetrieverRunConfig, _merge(defaults, data), str(path or "config"))
-    config.train.learning_rates()  # validates the stage name early
-    return config
-
-
-def to_yaml(config: RetrieverRunConfig) -> str:
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    return load_config(path, overrides, root=RetrieverRunConfig)
 
 
 class PageBatchCollator:
