@@ -18,7 +18,7 @@ import os
 import random
 from pathlib import Path
 
-from vlmkit.data.records import Record, iter_jsonl, normalise
+from vlmkit.data.records import Record, normalise, read_records
 from vlmkit.errors import DataError
 
 REPLIES = ("chosen", "rejected")
@@ -45,24 +45,7 @@ def normalise_preference(raw: dict, base_dir: Path, path: Path | str = "<memory>
 
 def read_preferences(path: Path | str, skip_bad: bool = False) -> tuple[list[Record], list[DataError]]:
     """Every preference record of a JSONL file; like `read_records`, bad lines raise unless `skip_bad`."""
-    path = Path(path)
-    records, skipped, seen = [], [], {}
-    for line_no, item in iter_jsonl(path):
-        try:
-            if isinstance(item, DataError):
-                raise item
-            record = normalise_preference(item, path.parent, path, line_no)
-            if record.id in seen:
-                raise DataError(f"duplicate id (first seen on line {seen[record.id]})", path, line_no, record.id)
-            seen[record.id] = line_no
-            records.append(record)
-        except DataError as err:
-            if not skip_bad:
-                raise
-            skipped.append(err)
-    if not records:
-        raise DataError("no usable preference records", path)
-    return records, skipped
+    return read_records(path, skip_bad, parse=normalise_preference, kind="preference records")
 
 
 def make_preferences(records: list[Record], seed: int = 0) -> list[dict]:

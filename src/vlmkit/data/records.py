@@ -125,19 +125,22 @@ def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict | DataError]]:
                 yield line_no, DataError(f"malformed JSON ({err.msg} at column {err.colno})", path, line_no)
 
 
-def read_records(path: Path | str, skip_bad: bool = False) -> tuple[list[Record], list[DataError]]:
+def read_records(path: Path | str, skip_bad: bool = False, parse=None,
+                 kind: str = "records") -> tuple[list[Record], list[DataError]]:  # fmt: skip
     """Read and check every record of a JSONL file.
 
     Raises the first DataError unless `skip_bad`, in which case bad lines are left out and
-    returned (so the caller can report how many were skipped).
+    returned (so the caller can report how many were skipped). `parse(raw, base_dir, path,
+    line)` turns one line into a Record (default `normalise`; preference data passes its own).
     """
+    parse = parse or normalise
     path = Path(path)
     records, skipped, seen_ids = [], [], {}
     for line_no, item in iter_jsonl(path):
         try:
             if isinstance(item, DataError):
                 raise item
-            record = normalise(item, path.parent, path, line_no)
+            record = parse(item, path.parent, path, line_no)
             if record.id in seen_ids:
                 raise DataError(f"duplicate id (first seen on line {seen_ids[record.id]})", path, line_no, record.id)
             seen_ids[record.id] = line_no
@@ -147,7 +150,7 @@ def read_records(path: Path | str, skip_bad: bool = False) -> tuple[list[Record]
                 raise
             skipped.append(err)
     if not records:
-        raise DataError("no usable records", path)
+        raise DataError(f"no usable {kind}", path)
     return records, skipped
 
 
