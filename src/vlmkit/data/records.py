@@ -154,6 +154,16 @@ def read_records(path: Path | str, skip_bad: bool = False, parse=None,
     return records, skipped
 
 
+def read_record_files(paths: str | list[str], skip_bad: bool = False, reader=read_records):
+    """Records of one JSONL or of several, concatenated in order (training shuffles them together)."""
+    records, skipped = [], []
+    for path in [paths] if isinstance(paths, str) else paths:
+        more, bad = reader(path, skip_bad=skip_bad)
+        records += more
+        skipped += bad
+    return records, skipped
+
+
 def write_records(path: Path | str, records: list[Record]) -> None:
     """Write records as JSONL atomically (temporary file, then rename), image paths relative to the file."""
     path = Path(path)

@@ -19,23 +19,21 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import RunConfig, to_yaml
 from vlmkit.data.preferences import read_preferences
+from vlmkit.data.records import read_record_files
 from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
 from vlmkit.train import distributed, lora
-from vlmkit.train.dpo import (DPOTrainer, PairCollator, PreferenceDataset, add_reference, preference_accuracy,
-                              score_pairs)  # fmt: skip
+from vlmkit.train.dpo import (
+    DPOTrainer,
+    PairCollator,
+    PreferenceDataset,
+    add_reference,
+    preference_accuracy,
+    score_pairs,  # fmt: skip
+)
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.run import CONFIG_FILE, SUMMARY_FILE, _texts, training_arguments
 from vlmkit.train.trainer import apply_learning_rates
-
-
-def _read(paths: str | list[str], skip_bad: bool):
-    records, bad_lines = [], []
-    for path in [paths] if isinstance(paths, str) else paths:
-        more, bad = read_preferences(path, skip_bad=skip_bad)
-        records += more
-        bad_lines += bad
-    return records, bad_lines
 
 
 def run_dpo(cfg: RunConfig, log=print) -> Path:
@@ -47,7 +45,8 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
     log(f"vlmkit dpo: configuration\n{to_yaml(cfg)}")
     distributed.check(cfg.train)
 
-    records, bad_lines = _read(cfg.data.train, cfg.data.skip_bad)  # every record checked before the model is built
+    # Every record is checked before the model is built.
+    records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad, reader=read_preferences)
     eval_records = read_preferences(cfg.data.eval, skip_bad=cfg.data.skip_bad)[0] if cfg.data.eval else None
     checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None

@@ -17,7 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from vlmkit.config import LearningRates, RunConfig, to_yaml
 from vlmkit.data.dataset import Collator, ConversationDataset
 from vlmkit.data.packing import PackedCollator
-from vlmkit.data.records import IMAGE_MARKER, read_records
+from vlmkit.data.records import IMAGE_MARKER, read_record_files
 from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
 from vlmkit.train import distributed, lora
@@ -74,16 +74,6 @@ def _texts(records) -> list[str]:
     return [turn["content"].replace(IMAGE_MARKER, "") for r in records for turn in r.conversations]
 
 
-def _read_mix(paths: str | list[str], skip_bad: bool):
-    """Records of one JSONL or of several, concatenated (the Trainer shuffles them together)."""
-    records, bad_lines = [], []
-    for path in [paths] if isinstance(paths, str) else paths:
-        more, bad = read_records(path, skip_bad=skip_bad)
-        records += more
-        bad_lines += bad
-    return records, bad_lines
-
-
 def run(cfg: RunConfig, log=print) -> Path:
     """Train one stage as configured; returns the directory of the saved model."""
     if not cfg.data.train:
@@ -99,7 +89,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
     if cfg.train.resume and checkpoint is None:
         log(f"no checkpoint in {out}; starting from the beginning")
-    records, bad_lines = _read_mix(cfg.data.train, cfg.data.skip_bad)
+    records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
     built = build(cfg.model, training_texts=lambda: _texts(records), tokenizer=tokenizer)
     model, processor = built.model, built.processor
