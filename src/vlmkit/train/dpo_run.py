@@ -14,14 +14,13 @@ import json
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer, ProgressCallback, set_seed
+from transformers import ProgressCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import RunConfig, to_yaml
 from vlmkit.data.preferences import read_preferences
 from vlmkit.data.records import read_record_files
 from vlmkit.errors import ConfigError
-from vlmkit.model.build import build
 from vlmkit.train import distributed, lora
 from vlmkit.train.dpo import (
     DPOTrainer,
@@ -32,8 +31,12 @@ from vlmkit.train.dpo import (
     score_pairs,  # fmt: skip
 )
 from vlmkit.train.progress import ProgressBar
-from vlmkit.train.run import CONFIG_FILE, SUMMARY_FILE, _texts, training_arguments
-from vlmkit.train.trainer import apply_learning_rates
+from vlmkit.train.run import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    prepare_model,
+    training_arguments,
+)
 
 
 def run_dpo(cfg: RunConfig, log=print) -> Path:
@@ -49,15 +52,8 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad, reader=read_preferences)
     eval_records = read_preferences(cfg.data.eval, skip_bad=cfg.data.skip_bad)[0] if cfg.data.eval else None
     checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
-    built = build(cfg.model, training_texts=lambda: _texts(records), tokenizer=tokenizer)
-    model, processor = built.model, built.processor
-    rates = cfg.train.learning_rates(built.random_modules)
-    if cfg.lora.enabled:
-        lora.check(cfg.lora, rates, cfg.model)
-        model = lora.wrap(model, processor, cfg.lora, cfg.model, out)
-    trainable = apply_learning_rates(model, rates)
-    log(f"learning rates {vars(rates)}; trainable parameters {trainable}; beta {cfg.dpo.beta}")
+    model, processor, rates = prepare_model(cfg, records, checkpoint, log)
+    log(f"DPO beta {cfg.dpo.beta}")
 
     kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels}
     train_set = PreferenceDataset(records, processor, **kwargs)

@@ -74,6 +74,23 @@ def _texts(records) -> list[str]:
     return [turn["content"].replace(IMAGE_MARKER, "") for r in records for turn in r.conversations]
 
 
+def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
+    """Build the model and processor, wrap them with LoRA if asked, and freeze by learning rate.
+
+    Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
+    built = build(cfg.model, training_texts=lambda: _texts(records), tokenizer=tokenizer)
+    model, processor = built.model, built.processor
+    rates = cfg.train.learning_rates(built.random_modules)
+    if cfg.lora.enabled:
+        lora.check(cfg.lora, rates, cfg.model)
+        model = lora.wrap(model, processor, cfg.lora, cfg.model, Path(cfg.train.output_dir))
+    trainable = apply_learning_rates(model, rates)
+    log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
+    return model, processor, rates
+
+
 def run(cfg: RunConfig, log=print) -> Path:
     """Train one stage as configured; returns the directory of the saved model."""
     if not cfg.data.train:
@@ -85,20 +102,11 @@ def run(cfg: RunConfig, log=print) -> Path:
     log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
     distributed.check(cfg.train)
 
-    # Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
     checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
     if cfg.train.resume and checkpoint is None:
         log(f"no checkpoint in {out}; starting from the beginning")
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
-    built = build(cfg.model, training_texts=lambda: _texts(records), tokenizer=tokenizer)
-    model, processor = built.model, built.processor
-    rates = cfg.train.learning_rates(built.random_modules)
-    if cfg.lora.enabled:
-        lora.check(cfg.lora, rates, cfg.model)
-        model = lora.wrap(model, processor, cfg.lora, cfg.model, out)
-    trainable = apply_learning_rates(model, rates)
-    log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
+    model, processor, rates = prepare_model(cfg, records, checkpoint, log)
 
     kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels}
     train_set = ConversationDataset(records, processor, **kwargs)
