@@ -60,6 +60,10 @@ def _train(args, stage: str | None = None) -> None:
     if stage:
         overrides.append(f"train.stage={stage}")
     cfg = load_config(args.config, overrides)
+    if args.tiny:
+        from vlmkit.recipes import shrink
+
+        shrink(cfg)
     log = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)  # under torchrun, one process reports
     (run_dpo if cfg.train.stage == "dpo" else run)(cfg, log=log)
 
@@ -184,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--workers", type=int, help="processes (default: one per core)")
     synth.set_defaults(func=_data_synth)
+    from vlmkit.data.synth_highres import add_command as add_highres_command
+
+    add_highres_command(data)  # `data synth-highres`
 
     from vlmkit.data.importers import FORMATS
 
@@ -204,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, description in (("train", "train a VLM (one stage: align, sft or dpo)"),
                               ("dpo", "preference-tune a VLM with DPO (train with train.stage=dpo)")):  # fmt: skip
         train = commands.add_parser(name, help=description)
-        train.add_argument("config", nargs="?", help="YAML config; without it the tiny from-scratch recipe")
+        train.add_argument("config", nargs="?", help="YAML config or recipe name (recipes/minicpm-v); without it "
+                           "the tiny from-scratch recipe")  # fmt: skip
+        train.add_argument("--tiny", action="store_true", help="the config's design at tiny scale with random "
+                           "weights (no checkpoints needed)")  # fmt: skip
         train.add_argument("--train-data", help="JSONL of records (preference records for dpo)")
         train.add_argument("--eval-data", help="JSONL of records for the eval loss (dpo: preference accuracy)")
         train.add_argument("--output-dir", help="where checkpoints and the final model go")

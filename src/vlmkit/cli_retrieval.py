@@ -69,7 +69,12 @@ def _retriever_train(args) -> None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
     if args.grad_cache:
         overrides.append("retrieval.grad_cache=true")
-    run(load_retriever_config(args.config, overrides))
+    cfg = load_retriever_config(args.config, overrides)
+    if args.tiny:
+        from vlmkit.recipes import shrink
+
+        shrink(cfg)
+    run(cfg)
 
 
 def _retriever_index(args) -> None:
@@ -167,7 +172,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     retriever = commands.add_parser("retriever", help="train, index, search and evaluate a page retriever")
     retriever = retriever.add_subparsers(dest="retriever_command", required=True)
     rtrain = retriever.add_parser("train", help="contrastive training of a retriever on query-page pairs")
-    rtrain.add_argument("config", nargs="?", help="YAML config (sections model, retrieval, data, train)")
+    rtrain.add_argument("config", nargs="?", help="YAML config (sections model, retrieval, data, train) or recipe name")
+    rtrain.add_argument("--tiny", action="store_true", help="the config's design at tiny scale with random weights")
     rtrain.add_argument("--train-data", help="pairs JSONL")
     rtrain.add_argument("--docs", help="page store with the pages the pairs name")
     rtrain.add_argument("--output-dir")

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from vlmkit.errors import ConfigError
+from vlmkit.recipes import recipe_path
 
 TINY_VISION = {
     "model_type": "clip_vision_model", "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 3,
@@ -43,6 +44,8 @@ class ModelConfig:
     vision_feature_select_strategy: str = "default"
     image_size: int | None = None  # square input side; needed by CNN encoders, which have none of their own
     image_resize_mode: str = "pad"
+    slicing: str | None = None  # high-resolution crops: None, "minicpm" (adaptive slices) or "anyres" (tiles)
+    max_slices: int = 9  # slices (or tiles) beyond the whole-image view; a request may ask for fewer
     vocab_size: int = 1024  # of the BPE tokenizer trained on the training text when `lm` is None
     attn_implementation: str = "sdpa"
     dtype: str = "float32"
@@ -195,6 +198,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), root:
     for other commands (the retriever's) that share the sections and this reading.
     """
     sections = ", ".join(f.name for f in dataclasses.fields(root))
+    path = recipe_path(path)
     data: dict = {}
     if path is not None:
         path = Path(path)

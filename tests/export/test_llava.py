@@ -67,7 +67,7 @@ def built(tokenizer, **overrides):
 def vlmkit_inputs(processor, image):
     messages = [{"role": "user", "content": "<image>\n" + QUESTION}]
     ids = processor.encode_text(messages, [1], add_generation_prompt=True)["input_ids"][None]
-    return ids, processor.pixel_values([image])[0]
+    return ids, processor.image_inputs([image])["pixel_values"]
 
 
 def test_export_loads_without_vlmkit_and_gives_the_same_logits_and_tokens(tokenizer, tmp_path):

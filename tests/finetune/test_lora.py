@@ -8,6 +8,7 @@ from tests.finetune.helpers import make_config, run
 from vlmkit.data.dataset import Collator, ConversationDataset
 from vlmkit.errors import ConfigError
 from vlmkit.model.modeling import VLMForConditionalGeneration
+from vlmkit.serve.generation import load_for_inference
 from vlmkit.train import lora
 from vlmkit.train.trainer import module_of
 
@@ -64,6 +65,10 @@ def test_adapter_save_then_load_gives_identical_logits(synth_dir, train_records,
     processor.save_pretrained(tmp_path / "merged")
     reloaded, _ = lora.load(tmp_path / "merged")
     assert torch.equal(_logits(reloaded, processor, train_records), merged_logits)
+    # eval, chat and serve load an adapter-only directory through load_for_inference, merged
+    served, _ = load_for_inference(out, device="cpu")
+    assert isinstance(served, VLMForConditionalGeneration) and not served.training
+    assert torch.equal(_logits(served, processor, train_records), merged_logits)
 
 
 def test_merged_save_writes_one_plain_model(synth_dir, train_records, tmp_path, trainers):

@@ -1,4 +1,4 @@
-"""FSDP and DeepSpeed ZeRO-2 on two CPU processes: a few steps, a checkpoint, a resume.
+"""FSDP and DeepSpeed ZeRO-1, 2 and 3 on two CPU processes: a few steps, a checkpoint, a resume.
 
 Slow (`make test-slow`). The DeepSpeed run needs `pip install 'vlmkit[finetune]'`, and its
 first run on a machine compiles DeepSpeed's shared-memory communication op (a few minutes).
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 CONFIGS = resources.files("vlmkit") / "configs"
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "deepspeed-zero2"])
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3"])
 def test_sharded_training_runs_checkpoints_and_resumes(synth_dir, tmp_path, engine):
     if engine.startswith("deepspeed"):
         pytest.importorskip("deepspeed")

@@ -12,10 +12,8 @@ from vlmkit.model.tokens import image_token_spec, num_image_tokens
 def _prompt_inputs(processor, n_images=1, question="What colour is the circle?"):
     images = [Image.new("RGB", (40 + 7 * i, 30), (200, 30 * i, 10)) for i in range(n_images)]
     messages = [{"role": "user", "content": "<image>\n" * n_images + question}]
-    crops = [processor.image_processor.num_crops(im.size) for im in images]
-    ids = processor.encode_text(messages, crops, add_generation_prompt=True)["input_ids"][None]
-    pixel_values, _ = processor.pixel_values(images)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values}
+    ids = processor.encode_text(messages, processor.plans(images), add_generation_prompt=True)["input_ids"][None]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)} | processor.image_inputs(images)
 
 
 @pytest.mark.parametrize("n_images", [1, 2])

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from vlmkit.data.records import Record, read_records
 from vlmkit.errors import DataError
+from vlmkit.processing.image_processing import concat_image_inputs
 from vlmkit.processing.images import open_image
 from vlmkit.processing.processor import IGNORE_INDEX, VLMProcessor
 
@@ -61,7 +62,7 @@ class ConversationDataset(Dataset):
 
     def _prepare(self, record: Record) -> Example:
         images = [self._open(record, p, decode=False) for p in record.images]
-        crops = [self.processor.image_processor.num_crops(image.size) for image in images]
+        crops = [self.processor.image_processor.plan(image.size) for image in images]
         try:
             encoded = self.processor.encode_text(record.conversations, crops)
         except DataError as err:
@@ -84,8 +85,7 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
         images = [self._open(example.record, p, decode=True) for p in example.record.images]
-        pixel_values, _ = self.processor.pixel_values(images)
-        return {"input_ids": example.input_ids, "labels": example.labels, "pixel_values": pixel_values}
+        return {"input_ids": example.input_ids, "labels": example.labels} | self.processor.image_inputs(images)
 
 
 class Collator:
@@ -102,8 +102,4 @@ class Collator:
         for row, item in enumerate(items):
             n = len(item["input_ids"])
             ids[row, :n], labels[row, :n], mask[row, :n] = item["input_ids"], item["labels"], 1
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        crops = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
-        if crops:
-            batch["pixel_values"] = torch.cat(crops)
-        return batch
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask} | concat_image_inputs(items)

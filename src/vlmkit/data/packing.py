@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from vlmkit.processing.image_processing import concat_image_inputs
 from vlmkit.processing.processor import IGNORE_INDEX
 
 
@@ -60,13 +61,10 @@ class PackedCollator:
                 # sample's last one; alone it is never predicted.
                 labels[r, start + 1 : start + n] = item["labels"][1:]
                 positions[r, start : start + n] = torch.arange(n)
-                if item.get("pixel_values") is not None:
-                    crops.append(item["pixel_values"])
+                crops.append(item)
                 start += n
             positions[r, start:] = torch.arange(width - start)  # the padding: a sample of its own
         # transformers reads packing from the position ids only when there is no KV cache, and a model
         # config's use_cache (true by default) would otherwise make one, in training too.
         batch = {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
-        if crops:
-            batch["pixel_values"] = torch.cat(crops)
-        return batch
+        return batch | concat_image_inputs(crops)

@@ -77,12 +77,11 @@ def generate_queries(model, processor, store: PageStore, out: str | Path, prompt
         for start in tqdm(range(0, len(todo), batch_size), desc="queries", unit="batch", disable=not progress):
             doc_ids = todo[start:start + batch_size]
             images = [store.image(doc_id) for doc_id in doc_ids]
-            pixel_values, crops = processor.pixel_values(images)
-            rows = [processor.encode_text([{"role": "user", "content": prompt}], [n], add_generation_prompt=True)
-                    ["input_ids"] for n in crops]  # fmt: skip
+            rows = [processor.encode_text([{"role": "user", "content": prompt}], [plan], add_generation_prompt=True)
+                    ["input_ids"] for plan in processor.plans(images)]  # fmt: skip
             ids, mask = _left_padded(rows, tokenizer.pad_token_id)
-            generated = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                       pixel_values=pixel_values.to(model.device, model.dtype), do_sample=False,
+            inputs = {"input_ids": ids, "attention_mask": mask} | processor.image_inputs(images)
+            generated = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, do_sample=False,
                                        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
             replies = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
             for doc_id, text in zip(doc_ids, replies):

@@ -10,6 +10,11 @@ One record per line:
 LLaVA's form (`"image"` plus `{"from": "human"|"gpt", "value": ...}` turns) is accepted too.
 Image paths are resolved relative to the JSONL file. Each image has exactly one `<image>`
 marker; a record with images but no markers gets them before its first user turn.
+
+A record may also hold one video, `"video": "clips/0001.mp4"` (relative like images), with
+exactly one `<video>` marker (added before the first user turn when missing, ahead of any
+added image markers). At load time the marker becomes one `<image>` marker per sampled
+frame (`vlmkit.processing.video`), so everything after the dataset sees only images.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Iterator
 from vlmkit.errors import DataError
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
 ROLES = ("system", "user", "assistant")
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -38,6 +44,7 @@ class Record:
     path: str = ""  # where the record came from, for error messages
     line: int | None = None
     extra: dict = field(default_factory=dict)  # other fields, kept for later stages (e.g. DPO)
+    video: str | None = None  # path of the record's one video, if any
 
     def error(self, problem: str) -> DataError:
         return DataError(problem, self.path, self.line, self.id)
@@ -46,14 +53,16 @@ class Record:
         """The record as written to JSONL, image paths relative to `relative_to` when given."""
         images = [os.path.relpath(p, relative_to) if relative_to else p for p in self.images]
         out = {"id": self.id, "images": images, "conversations": self.conversations}
+        if self.video is not None:
+            out["video"] = os.path.relpath(self.video, relative_to) if relative_to else self.video
         if self.category is not None:
             out["category"] = self.category
         out.update(self.extra)
         return out
 
 
-def count_markers(conversations: list[dict]) -> int:
-    return sum(turn["content"].count(IMAGE_MARKER) for turn in conversations)
+def count_markers(conversations: list[dict], marker: str = IMAGE_MARKER) -> int:
+    return sum(turn["content"].count(marker) for turn in conversations)
 
 
 def normalise(raw: dict, base_dir: Path, path: Path | str = "<memory>", line: int | None = None) -> Record:
@@ -74,6 +83,10 @@ def normalise(raw: dict, base_dir: Path, path: Path | str = "<memory>", line: in
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         fail("field 'images' must be a list of non-empty path strings")
     images = [str(p if Path(p).is_absolute() else base_dir / p) for p in images]
+    video = raw.get("video")
+    if video is not None and not (isinstance(video, str) and video):
+        fail("field 'video' must be one non-empty path string (a record holds at most one video)")
+    video = str(video if Path(video).is_absolute() else base_dir / video) if video else None
 
     turns = raw.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -101,13 +114,20 @@ def normalise(raw: dict, base_dir: Path, path: Path | str = "<memory>", line: in
         first_user["content"] = (IMAGE_MARKER + "\n") * len(images) + first_user["content"]
     elif markers != len(images):
         fail(f"has {markers} {IMAGE_MARKER} marker(s) but {len(images)} image(s); use one marker per image")
+    video_markers = count_markers(conversations, VIDEO_MARKER)
+    if video and video_markers == 0:
+        first_user = next(t for t in conversations if t["role"] == "user")
+        first_user["content"] = VIDEO_MARKER + "\n" + first_user["content"]
+    elif video_markers != (1 if video else 0):
+        fail(f"has {video_markers} {VIDEO_MARKER} marker(s) but {1 if video else 0} video(s); a record "
+             f"with a 'video' field needs exactly one {VIDEO_MARKER} marker, one without needs none")  # fmt: skip
 
     category = raw.get("category")
     if category is not None and not isinstance(category, str):
         fail("field 'category' must be a string")
-    known = {"id", "images", "image", "conversations", "category"}
+    known = {"id", "images", "image", "video", "conversations", "category"}
     extra = {k: v for k, v in raw.items() if k not in known}
-    return Record(str(record_id), images, conversations, category, str(path), line, extra)
+    return Record(str(record_id), images, conversations, category, str(path), line, extra, video)
 
 
 def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict | DataError]]:

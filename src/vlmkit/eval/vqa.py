@@ -51,7 +51,7 @@ def questions_of(records: list[Record], processor: VLMProcessor) -> list[Questio
     out = []
     for record in records:
         images = [open_image(p, decode=False) for p in record.images]
-        crops = [processor.image_processor.num_crops(image.size) for image in images]
+        crops = [processor.image_processor.plan(image.size) for image in images]
         for turn, message in enumerate(record.conversations):
             if message["role"] != "assistant":
                 continue
@@ -87,10 +87,7 @@ def answer_questions(model, processor: VLMProcessor, questions: list[Question], 
             for path in q.record.images[: q.prompt["n_images"]]:
                 image = open_image(path)
                 images.append(_blank_like(image, processor) if blind else image)
-        pixel_values, _ = processor.pixel_values(images)
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        if pixel_values is not None:
-            inputs["pixel_values"] = pixel_values.to(model.device)
+        inputs = {"input_ids": ids, "attention_mask": mask} | processor.image_inputs(images)
         generated = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, do_sample=False,
                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         texts = tokenizer.batch_decode(generated[:, longest:], skip_special_tokens=True)

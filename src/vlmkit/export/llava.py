@@ -72,9 +72,9 @@ def check_exportable(model: VLMForConditionalGeneration, processor: VLMProcessor
     if cfg.projector_type == "mlp" and hidden != cfg.text_config.hidden_size:
         raise ConfigError(f"cannot export: the MLP projector's hidden size {hidden} differs from the LM's "
                           f"{cfg.text_config.hidden_size}; LLaVA's projector uses the LM's")  # fmt: skip
-    if type(processor.image_processor) is not VLMImageProcessor:
-        raise ConfigError(f"cannot export: {type(processor.image_processor).__name__} slices images into "
-                          "several crops; LLaVA takes one crop per image")  # fmt: skip
+    if type(processor.image_processor) is not VLMImageProcessor or processor.image_processor.slicing:
+        raise ConfigError("cannot export: the image processor slices images into several crops; LLaVA takes "
+                          "one crop per image (retrain with model.slicing=null)")  # fmt: skip
     for name in LOGIT_SETTINGS:
         if getattr(cfg.text_config, name, None) not in (None, 1, 1.0):
             raise ConfigError(f"cannot export: the LM's {name} is applied after its output layer, which LLaVA's "

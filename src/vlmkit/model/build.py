@@ -20,7 +20,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.model import vision
 from vlmkit.model.configuration import VLMConfig
 from vlmkit.model.modeling import VLMForConditionalGeneration
-from vlmkit.model.tokens import image_token_spec
+from vlmkit.model.tokens import grid_multiple, image_token_spec
 from vlmkit.processing.image_processing import CLIP_MEAN, CLIP_STD, VLMImageProcessor
 from vlmkit.processing.processor import VLMProcessor
 from vlmkit.processing.tokenizer_training import IMAGE_TOKEN, adapt_pretrained_tokenizer, train_tokenizer
@@ -86,8 +86,11 @@ def _image_processor(cfg: ModelConfig, config: VLMConfig) -> VLMImageProcessor:
             mean, std = data.get("image_mean", mean), data.get("image_std", std)
         elif vision_config.model_type == "clip_vision_model":
             mean, std = CLIP_MEAN, CLIP_STD
+    # Slices must cut into whole patches, and into whole groups of them for a pixel shuffle.
+    multiple = vision.stride(vision_config) * grid_multiple(image_token_spec(config))
     return VLMImageProcessor(size=vision.input_size(config), image_mean=mean, image_std=std,
-                             resize_mode=cfg.image_resize_mode)  # fmt: skip
+                             resize_mode=cfg.image_resize_mode, slicing=cfg.slicing, max_slices=cfg.max_slices,
+                             multiple=multiple)  # fmt: skip
 
 
 def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None = None, tokenizer=None) -> Built:

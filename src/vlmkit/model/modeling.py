@@ -66,22 +66,54 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
 
     @property
     def tokens_per_crop(self) -> int:
+        """Tokens of one crop at the encoder's native size (slices of other sizes: `crop_tokens`)."""
         return num_image_tokens(image_token_spec(self.config))
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Projected features of a batch of crops, flattened to (crops * tokens_per_crop, text_dim)."""
+    def crop_tokens(self, height: int, width: int) -> int:
+        grid = vision.grid_for_size(self.config.vision_config, height, width)
+        return num_image_tokens(image_token_spec(self.config), grid)
+
+    def get_image_features(self, pixel_values: torch.Tensor, crop_sizes: torch.Tensor | None = None,
+                           **kwargs) -> torch.Tensor:  # fmt: skip
+        """Projected features of a batch of crops, flattened to (total image tokens, text_dim).
+
+        `crop_sizes` (crops, 2) gives each crop's true (height, width) when crops of several
+        sizes were padded into one tensor (slicing); crops of one size are encoded together,
+        and the projector sees each crop's own grid, so padding never changes a crop's tokens.
+        """
         cfg = self.config
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
-        features = vision.encode(self.vision_tower, cfg, pixel_values)
-        projected = self.projector(features, vision.patch_grid(cfg))
-        if projected.shape[1] != self.tokens_per_crop:
+        if crop_sizes is None:
+            sizes = [tuple(pixel_values.shape[-2:])] * pixel_values.shape[0]
+        else:
+            sizes = [tuple(int(v) for v in size) for size in crop_sizes.tolist()]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(sizes):
+            groups.setdefault(size, []).append(index)
+        grids = [vision.grid_for_size(cfg.vision_config, *size) for size in sizes]
+        if len(groups) == 1:
+            height, width = sizes[0]
+            features = vision.encode(self.vision_tower, cfg, pixel_values[..., :height, :width])
+            projected = self.projector(features, grids[0])
+        else:
+            encoded: list[torch.Tensor | None] = [None] * len(sizes)
+            for (height, width), indices in groups.items():
+                features = vision.encode(self.vision_tower, cfg, pixel_values[indices, :, :height, :width])
+                for index, feature in zip(indices, features):
+                    encoded[index] = feature
+            projected = self.projector(nn.utils.rnn.pad_sequence(encoded, batch_first=True), grids)
+        counts = [self.crop_tokens(*size) for size in sizes]
+        if projected.shape[1] < max(counts) or (len(groups) == 1 and projected.shape[1] != counts[0]):
             raise ImageTokenMismatchError(
                 f"projector {cfg.projector_type!r} returned {projected.shape[1]} tokens per crop but "
-                f"num_image_tokens() says {self.tokens_per_crop}; the projector's output_tokens is wrong"
+                f"num_image_tokens() says {max(counts)}; the projector's output_tokens is wrong"
             )
-        return projected.reshape(-1, projected.shape[-1])
+        if len(groups) == 1:
+            return projected.reshape(-1, projected.shape[-1])
+        return torch.cat([crop[:n] for crop, n in zip(projected, counts)])
 
-    def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values) -> torch.Tensor:
+    def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values,
+                             crop_sizes: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Put the image features at the `<image>` placeholder positions, checking the counts agree."""
         placeholders = input_ids == self.config.image_token_id
         n_placeholders = int(placeholders.sum())
@@ -91,13 +123,13 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                     f"the input has {n_placeholders} <image> placeholder tokens but no pixel_values were given"
                 )
             return inputs_embeds
-        features = self.get_image_features(pixel_values)
+        features = self.get_image_features(pixel_values, crop_sizes)
         if n_placeholders != features.shape[0]:
             crops = pixel_values.shape[0]
             raise ImageTokenMismatchError(
                 f"the input has {n_placeholders} <image> placeholder tokens but its {crops} image crop(s) give "
-                f"{features.shape[0]} features ({self.tokens_per_crop} per crop); build inputs with this model's "
-                "processor (it expands each <image> marker to the right count) and never truncate inside an image"
+                f"{features.shape[0]} features; build inputs with this model's processor (it expands each "
+                "<image> marker to the right count) and never truncate inside an image"
             )
         mask = placeholders.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
@@ -106,6 +138,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        crop_sizes: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
@@ -115,7 +148,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
-        """Same contract as the LM's forward, plus `pixel_values` (crops, 3, H, W) for the `<image>` tokens.
+        """Same contract as the LM's forward, plus `pixel_values` (crops, 3, H, W) for the `<image>` tokens
+        (and `crop_sizes` when crops of several sizes were padded together).
 
         Extra keyword arguments (such as the Trainer's `num_items_in_batch`, which makes the
         loss a sum over the whole accumulation window divided by its supervised-token count)
@@ -125,7 +159,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, crop_sizes)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids to find the <image> placeholders")
         return self.language_model(

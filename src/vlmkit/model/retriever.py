@@ -91,10 +91,10 @@ class VLMRetriever(VLMPreTrainedModel):
         return cls(RetrieverConfig(**values, **options), vlm=vlm).to(vlm.dtype)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      pixel_values: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                      pixel_values: torch.Tensor | None = None, crop_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """The LM's last hidden states (after its final norm) for a padded batch."""
         embeds = self.vlm.get_input_embeddings()(input_ids)
-        embeds = self.vlm.merge_image_features(input_ids, embeds, pixel_values)
+        embeds = self.vlm.merge_image_features(input_ids, embeds, pixel_values, crop_sizes)
         lm = self.vlm.language_model.base_model  # the decoder without its LM head: no vocabulary logits
         mask, kwargs = attention_mask, {}
         if self.config.bidirectional:
@@ -104,9 +104,9 @@ class VLMRetriever(VLMPreTrainedModel):
         return lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                pixel_values: torch.Tensor | None = None, crop_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings: (batch, dim), or zero-padded (batch, tokens, dim) in multi-vector mode."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, crop_sizes)
         if self.multi_vector_proj is None:
             pooled = get_pooling(self.config.pooling)(hidden, attention_mask)
             return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
@@ -163,9 +163,10 @@ def encode_inputs(processor, config: RetrieverConfig, queries: list[str] | None 
     if images is not None:
         images = list(images)
         batch = processor(text=doc_texts(config, len(images), eos), images=images)
-        crops = [processor.image_processor.num_crops(image.size) for image in images]
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "pixel_values": batch["pixel_values"], "crops_per_row": torch.tensor(crops)}  # fmt: skip
+        crops = [len(plan.crop_sizes) for plan in processor.plans(images)]
+        images = {key: batch[key] for key in ("pixel_values", "crop_sizes") if key in batch}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **images,
+                "crops_per_row": torch.tensor(crops)}  # fmt: skip
     texts = query_texts(config, queries, eos)
     batch = processor.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -22,7 +22,17 @@ def image_token_spec(config) -> dict:
     }
 
 
-def num_image_tokens(spec: dict) -> int:
-    """Tokens one crop of `spec["input_size"]` pixels becomes after encoder and projector."""
+def num_image_tokens(spec: dict, grid: tuple[int, int] | None = None) -> int:
+    """Tokens one crop becomes after encoder and projector.
+
+    By default the crop is the square of `spec["input_size"]` pixels; `grid` gives the
+    (h, w) patch grid of a crop of another size instead.
+    """
     cls = projector_class(spec["projector_type"])
-    return cls.output_tokens(tuple(spec["grid"]), spec["prefix"], spec["projector_args"])
+    grid = tuple(spec["grid"] if grid is None else grid)
+    return cls.output_tokens(grid, spec["prefix"], spec["projector_args"])
+
+
+def grid_multiple(spec: dict) -> int:
+    """What both sides of a crop's patch grid must be divisible by (e.g. a pixel shuffle's factor)."""
+    return projector_class(spec["projector_type"]).grid_multiple(spec["projector_args"])

@@ -66,8 +66,17 @@ def input_size(config) -> int:
 
 
 def patch_grid(config) -> tuple[int, int]:
+    """The (rows, cols) feature grid of the encoder's native square input."""
     side = input_size(config) // stride(config.vision_config)
     return side, side
+
+
+def grid_for_size(vision_config: PreTrainedConfig, height: int, width: int) -> tuple[int, int]:
+    """The (rows, cols) feature grid of a crop of `height` x `width` pixels (slices need not be square)."""
+    s = stride(vision_config)
+    if height % s or width % s:
+        raise ConfigError(f"a {height}x{width} crop is not a multiple of the encoder's stride {s}")
+    return height // s, width // s
 
 
 def feature_size(vision_config: PreTrainedConfig) -> int:
@@ -89,9 +98,16 @@ def prepare_tower(tower: nn.Module) -> nn.Module:
 
 
 def encode(tower: nn.Module, config, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The selected hidden state of the encoder for a batch of square crops: (crops, tokens, width)."""
+    """The selected hidden state of the encoder for a batch of same-size crops: (crops, tokens, width).
+
+    Crops other than the native square (slices) go through ViTs with their position
+    embeddings interpolated, as MiniCPM-V and LLaVA-NeXT do; CNNs take any size as is.
+    """
     c, layer = config.vision_config, config.vision_feature_layer
     kwargs = {}
+    native = (input_size(config),) * 2
+    if c.model_type in ("clip_vision_model", "siglip_vision_model") and tuple(pixel_values.shape[-2:]) != native:
+        kwargs["interpolate_pos_encoding"] = True
     if c.model_type == "siglip2_vision_model":
         # SigLIP2 takes flattened patches plus their grid; patch order matches its image processor.
         p = stride(c)
@@ -103,7 +119,7 @@ def encode(tower: nn.Module, config, pixel_values: torch.Tensor) -> torch.Tensor
     out = tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
     hidden = out.hidden_states[layer]
     if is_cnn(c):
-        grid = patch_grid(config)
+        grid = grid_for_size(c, *pixel_values.shape[-2:])
         if tuple(hidden.shape[-2:]) != grid:
             raise ConfigError(f"the {c.model_type} encoder gave a {tuple(hidden.shape[-2:])} feature map, not the "
                               f"expected {grid}; choose image_size as a multiple of its stride {stride(c)}")  # fmt: skip

@@ -2,8 +2,9 @@
 
 Each `<image>` marker in the text is expanded to as many placeholder tokens as the image's
 crops produce, counted by `vlmkit.model.tokens.num_image_tokens` -- the function the model
-uses too. Labels come from the chat template's generation markers: only assistant tokens
-are supervised.
+uses too. A sliced image's placeholders are laid out as MiniCPM-V does: the whole view in
+`<img>...</img>`, each slice in `<slice>...</slice>`, a newline between rows of slices.
+Labels come from the chat template's generation markers: only assistant tokens are supervised.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from transformers.image_processing_base import BatchFeature
 from vlmkit.data.records import IMAGE_MARKER
 from vlmkit.errors import DataError
 from vlmkit.model.tokens import num_image_tokens
+from vlmkit.processing import slicing
+from vlmkit.processing.image_processing import ImagePlan, batch_crops
 
 IGNORE_INDEX = -100
 
@@ -31,45 +34,61 @@ class VLMProcessor(ProcessorMixin):
 
     @property
     def tokens_per_crop(self) -> int:
+        """Tokens of one crop at the encoder's native size."""
         return num_image_tokens(self.image_token_spec)
 
     @property
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
 
-    def image_text(self, n_crops: int) -> str:
-        """The placeholder string one image with `n_crops` crops becomes."""
-        return IMAGE_MARKER * (n_crops * self.tokens_per_crop)
+    def crop_tokens(self, height: int, width: int) -> int:
+        """Tokens of one crop of `height` x `width` pixels (slices need not be the native square)."""
+        spec = self.image_token_spec
+        stride = spec["input_size"] // spec["grid"][0]
+        return num_image_tokens(spec, (height // stride, width // stride))
 
-    def expand(self, texts: list[str], crops_per_image: list[int]) -> list[str]:
+    def image_text(self, plan: ImagePlan | int) -> str:
+        """The placeholder string of one image; an int stands for that many native-size crops."""
+        if isinstance(plan, int):
+            return IMAGE_MARKER * (plan * self.tokens_per_crop)
+        counts = [self.crop_tokens(*size) for size in plan.crop_sizes]
+        if not plan.boundaries:
+            return IMAGE_MARKER * sum(counts)
+        cols, rows = plan.grid or (0, 0)
+        slice_rows = [counts[1 + row * cols: 1 + (row + 1) * cols] for row in range(rows)]
+        return slicing.layout_text(counts[0], slice_rows, image_token=IMAGE_MARKER)
+
+    def expand(self, texts: list[str], plans: list[ImagePlan | int]) -> list[str]:
         """Replace the `<image>` markers of `texts`, in order, by each image's placeholder string."""
         n_markers = sum(t.count(IMAGE_MARKER) for t in texts)
-        if n_markers != len(crops_per_image):
-            raise DataError(f"text has {n_markers} {IMAGE_MARKER} marker(s) but {len(crops_per_image)} image(s) "
+        if n_markers != len(plans):
+            raise DataError(f"text has {n_markers} {IMAGE_MARKER} marker(s) but {len(plans)} image(s) "
                             "were given; use one marker per image")  # fmt: skip
-        crops = iter(crops_per_image)
+        plans = iter(plans)
         out = []
         for text in texts:
             pieces = text.split(IMAGE_MARKER)
-            out.append(pieces[0] + "".join(self.image_text(next(crops)) + piece for piece in pieces[1:]))
+            out.append(pieces[0] + "".join(self.image_text(next(plans)) + piece for piece in pieces[1:]))
         return out
 
-    def pixel_values(self, images: list[Image.Image]) -> tuple[torch.Tensor | None, list[int]]:
-        """Stacked crops of all images in order, and the crop count of each image."""
-        per_image = [self.image_processor.crops(image) for image in images]
-        crops = [c for image_crops in per_image for c in image_crops]
-        return (torch.stack(crops) if crops else None), [len(c) for c in per_image]
+    def plans(self, images: list[Image.Image], max_slices: int | None = None) -> list[ImagePlan]:
+        return [self.image_processor.plan(image.size, max_slices) for image in images]
+
+    def image_inputs(self, images: list[Image.Image], max_slices: int | None = None) -> dict:
+        """`pixel_values` (and `crop_sizes` when crops differ in size) of all images' crops, in order."""
+        crops = [crop for image in images for crop in self.image_processor.crops(image, max_slices)]
+        return batch_crops(crops) if crops else {}
 
     def encode_conversation(self, conversations: list[dict], images: list[Image.Image],
-                            add_generation_prompt: bool = False) -> dict:  # fmt: skip
-        """Token ids, labels (assistant tokens only, else -100) and pixel values of one conversation."""
-        pixel_values, crops_per_image = self.pixel_values(images)
-        return self.encode_text(conversations, crops_per_image, add_generation_prompt) | {"pixel_values": pixel_values}
+                            add_generation_prompt: bool = False, max_slices: int | None = None) -> dict:  # fmt: skip
+        """Token ids, labels (assistant tokens only, else -100) and image inputs of one conversation."""
+        plans = self.plans(images, max_slices)
+        return self.encode_text(conversations, plans, add_generation_prompt) | self.image_inputs(images, max_slices)
 
-    def encode_text(self, conversations: list[dict], crops_per_image: list[int],
+    def encode_text(self, conversations: list[dict], plans: list[ImagePlan | int],
                     add_generation_prompt: bool = False) -> dict:  # fmt: skip
-        """The text half of `encode_conversation`, given how many crops each image has."""
-        contents = self.expand([turn["content"] for turn in conversations], crops_per_image)
+        """The text half of `encode_conversation`, given each image's plan (or native crop count)."""
+        contents = self.expand([turn["content"] for turn in conversations], plans)
         expanded = [{"role": turn["role"], "content": c} for turn, c in zip(conversations, contents)]
         encoded = self.tokenizer.apply_chat_template(
             expanded, chat_template=self.chat_template, tokenize=True, return_dict=True,
@@ -84,19 +103,15 @@ class VLMProcessor(ProcessorMixin):
         return {"input_ids": input_ids, "labels": labels}
 
     def __call__(self, text: str | list[str] | None = None, images=None, padding: bool = True,
-                 return_tensors: str = "pt", **kwargs) -> BatchFeature:  # fmt: skip
+                 return_tensors: str = "pt", max_slices: int | None = None, **kwargs) -> BatchFeature:  # fmt: skip
         """transformers-style call: prompt text(s) with `<image>` markers and the images in order."""
         texts = [text] if isinstance(text, str) else list(text or [])
         images = [images] if isinstance(images, Image.Image) else list(images or [])
         if images and isinstance(images[0], (list, tuple)):
             images = [image for group in images for image in group]
-        pixel_values, crops_per_image = self.pixel_values(images)
-        expanded = self.expand(texts, crops_per_image)
+        expanded = self.expand(texts, self.plans(images, max_slices))
         batch = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, add_special_tokens=False)
-        data = dict(batch)
-        if pixel_values is not None:
-            data["pixel_values"] = pixel_values
-        return BatchFeature(data, tensor_type=return_tensors)
+        return BatchFeature(dict(batch) | self.image_inputs(images, max_slices), tensor_type=return_tensors)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -54,7 +54,7 @@ class Engine:
 
     def prompt_tokens(self, messages: list[dict], images: list[Image.Image]) -> int:
         """Length of the prompt `stream_reply` will build (raises DataError on a marker/image mismatch)."""
-        crops = [self.processor.image_processor.num_crops(image.size) for image in images]
+        crops = [self.processor.image_processor.plan(image.size) for image in images]
         return self.processor.encode_text(messages, crops, add_generation_prompt=True)["input_ids"].numel()
 
     def _admit(self) -> None:

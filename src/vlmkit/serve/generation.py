@@ -68,15 +68,24 @@ class GenerationSettings:
 
 
 def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str | None = None):
-    """Model (eval mode) and processor from a saved vlmkit model directory."""
+    """Model (eval mode) and processor from a saved vlmkit model directory.
+
+    A directory holding LoRA adapters alone is loaded onto its base model and merged, so
+    eval, chat and serving run at the plain model's speed.
+    """
     from vlmkit.model.build import DTYPES
     from vlmkit.model.modeling import VLMForConditionalGeneration
     from vlmkit.processing.processor import VLMProcessor
+    from vlmkit.train import lora
 
     model_dir = Path(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if lora.is_adapter(model_dir):
+        model, processor = lora.load(model_dir, merge=True)
+        model = model.to(DTYPES[dtype]) if dtype else model
+        return model.to(device).eval(), processor
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{model_dir} is not a saved vlmkit model (no config.json); train one with `vlmkit train`")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": DTYPES[dtype]} if dtype else {}
     model = VLMForConditionalGeneration.from_pretrained(model_dir, **kwargs).to(device).eval()
     return model, VLMProcessor.from_pretrained(model_dir)
@@ -95,12 +104,9 @@ def stream_reply(model, processor, messages: list[dict], images: list[Image.Imag
                  settings: GenerationSettings) -> Iterator[str]:  # fmt: skip
     """Yield the reply to `messages` piece by piece; `images` match the markers in the messages, in order."""
     settings.check()
-    crops = [processor.image_processor.num_crops(image.size) for image in images]
-    ids = processor.encode_text(messages, crops, add_generation_prompt=True)["input_ids"][None]
-    pixel_values, _ = processor.pixel_values(images)
-    inputs = {"input_ids": ids.to(model.device), "attention_mask": torch.ones_like(ids).to(model.device)}
-    if pixel_values is not None:
-        inputs["pixel_values"] = pixel_values.to(model.device)
+    ids = processor.encode_text(messages, processor.plans(images), add_generation_prompt=True)["input_ids"][None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)} | processor.image_inputs(images)
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
     failure: list[BaseException] = []

@@ -24,7 +24,7 @@ from vlmkit.model.retriever import score
 from vlmkit.train.gradcache import grad_cache_step
 from vlmkit.train.trainer import VLMTrainer
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "crop_sizes")
 
 
 def gather(local: torch.Tensor) -> torch.Tensor:

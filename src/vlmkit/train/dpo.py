@@ -40,7 +40,7 @@ class PreferenceDataset(ConversationDataset):
 
     def _prepare(self, record: Record) -> Pair:
         images = [self._open(record, p, decode=False) for p in record.images]
-        crops = [self.processor.image_processor.num_crops(image.size) for image in images]
+        crops = [self.processor.image_processor.plan(image.size) for image in images]
         prompt = record.conversations[:-1]
         try:
             prompt_ids = self.processor.encode_text(prompt, crops, add_generation_prompt=True)["input_ids"]
@@ -60,8 +60,7 @@ class PreferenceDataset(ConversationDataset):
     def __getitem__(self, index: int) -> dict:
         pair = self.examples[index]
         images = [self._open(pair.record, p, decode=True) for p in pair.record.images]
-        pixel_values = self.processor.pixel_values(images)[0]
-        item = {"chosen": pair.chosen, "rejected": pair.rejected, "pixel_values": pixel_values}
+        item = {"chosen": pair.chosen, "rejected": pair.rejected, "images": self.processor.image_inputs(images)}
         return item | ({"reference": torch.tensor(pair.reference)} if pair.reference is not None else {})
 
 
@@ -72,7 +71,7 @@ class PairCollator:
         self.pad = Collator(pad_token_id)
 
     def __call__(self, items: list[dict]) -> dict:
-        rows = [item[key] | {"pixel_values": item["pixel_values"]} for key in ("chosen", "rejected") for item in items]
+        rows = [item[key] | item["images"] for key in ("chosen", "rejected") for item in items]
         batch = self.pad(rows)
         if all("reference" in item for item in items):
             batch["reference_logps"] = torch.stack([item["reference"] for item in items])

@@ -65,8 +65,9 @@ def split_batch(batch: dict, size: int) -> list[dict]:
         # Right padding beyond the micro-batch's longest row changes nothing but the cost.
         length = int(mask.sum(1).max())
         micro = {"input_ids": batch["input_ids"][start:stop, :length], "attention_mask": mask[:, :length]}
-        if batch.get("pixel_values") is not None:
-            micro["pixel_values"] = batch["pixel_values"][first_crop[start]:first_crop[stop]]
+        for key in ("pixel_values", "crop_sizes"):  # crop_sizes: crops of several sizes (sliced pages)
+            if batch.get(key) is not None:
+                micro[key] = batch[key][first_crop[start]:first_crop[stop]]
         out.append(micro)
     return out
 

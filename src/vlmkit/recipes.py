@@ -1,0 +1,77 @@
+"""Recipes: each seed system as a config under `configs/recipes/`, and `--tiny` to shrink one.
+
+A recipe names real checkpoints by local path. `shrink` keeps everything that defines the
+design (encoder and LM families, projector, token layout, slicing, freezing, learning rates,
+LoRA) and swaps the checkpoints for tiny random-weight models of the same families, so every
+recipe trains in seconds on the built-in data -- the tests do exactly that, so recipes cannot rot.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from vlmkit.errors import ConfigError
+
+RECIPES = resources.files("vlmkit") / "configs" / "recipes"
+
+# Sizes of the tiny towers and LMs, per family; anything not listed keeps the family's defaults.
+TINY_VISION = {
+    "clip_vision_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    "siglip_vision_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    "siglip2_vision_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                             "num_attention_heads": 2, "num_patches": 16, "patch_size": 8},
+}  # fmt: skip
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "max_position_embeddings": 2048, "tie_word_embeddings": True}  # fmt: skip
+# Projector sizes that scale with the real model; the tiny one takes the LM's width instead.
+SIZED_PROJECTOR_ARGS = ("hidden_size", "heads", "intermediate_size")
+TINY_QUERIES = 8
+
+
+def recipe_path(name: str | Path | None) -> str | Path | None:
+    """`recipes/minicpm-v` or `minicpm-v` names a shipped recipe (when no such file exists); else a path."""
+    if name is None or Path(name).is_file():
+        return name
+    bare = str(name).removeprefix("recipes/").removesuffix(".yaml")
+    if "/" in bare:
+        return name
+    candidate = RECIPES / f"{bare}.yaml"
+    if candidate.is_file():
+        return str(candidate)
+    if str(name).startswith("recipes/"):
+        known = ", ".join(sorted(p.name.removesuffix(".yaml") for p in RECIPES.iterdir() if p.name.endswith(".yaml")))
+        raise ConfigError(f"no recipe {bare!r}; the recipes are: {known}")
+    return name
+
+
+def shrink(config):
+    """The same recipe at tiny scale with random weights (`config` is a run config; changed in place)."""
+    model = config.model
+    vision_type = model.vision_config.get("model_type")
+    if vision_type not in TINY_VISION:
+        raise ConfigError(f"--tiny has no tiny {vision_type!r} tower; it shrinks {', '.join(TINY_VISION)}")
+    model.init_from = model.vision = model.lm = None
+    model.vision_config = {"model_type": vision_type, **TINY_VISION[vision_type]}
+    model.text_config = {"model_type": model.text_config.get("model_type", "llama"), **TINY_TEXT}
+    model.image_size, model.dtype = None, "float32"
+    args = {k: v for k, v in model.projector_args.items() if k not in SIZED_PROJECTOR_ARGS}
+    if "num_queries" in args or model.projector in ("resampler", "qformer"):
+        args["num_queries"] = min(int(args.get("num_queries", TINY_QUERIES)), TINY_QUERIES)
+    if "depth" in args:
+        args["depth"] = min(int(args["depth"]), 2)
+    if args.get("cross_attention_frequency", 1) > args.get("depth", 2):
+        args["cross_attention_frequency"] = 1
+    model.projector_args = args
+    train = config.train
+    train.batch_size, train.grad_accum = min(train.batch_size, 4), 1
+    train.bf16, train.gradient_checkpointing, train.deepspeed, train.fsdp = False, False, None, ""
+    train.report_to = []
+    if hasattr(config, "lora"):
+        config.lora.quantize = None
+    if hasattr(config, "retrieval"):
+        config.retrieval.init_from = None
+        config.retrieval.grad_cache_micro_batch_size = min(config.retrieval.grad_cache_micro_batch_size, 2)
+    return config
