@@ -59,6 +59,10 @@ class DataConfig:
     skip_bad: bool = False
     max_pixels: int = 64_000_000
     num_workers: int = 0
+    video_frames: int = 8  # frames sampled uniformly from a record's video
+    video_fps: float | None = None  # sample at this rate instead (still capped by video_max_frames)
+    video_max_frames: int = 32
+    video_max_slices: int = 1  # slices per frame when the model slices images (1: the whole view alone)
 
 
 @dataclass

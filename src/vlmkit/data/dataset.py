@@ -19,6 +19,7 @@ from vlmkit.errors import DataError
 from vlmkit.processing.image_processing import concat_image_inputs
 from vlmkit.processing.images import open_image
 from vlmkit.processing.processor import IGNORE_INDEX, VLMProcessor
+from vlmkit.processing.video import probe_video, read_video, with_video_frames
 
 
 @dataclass
@@ -28,12 +29,28 @@ class Example:
     labels: torch.Tensor
 
 
+@dataclass
+class VideoSettings:
+    """How a record's video becomes frames (see `vlmkit.processing.video`)."""
+
+    frames: int = 8  # sampled uniformly ...
+    fps: float | None = None  # ... or at this rate; either way at most max_frames
+    max_frames: int = 32
+    max_slices: int = 1  # slices per frame when the model slices images: frames are many, so fewer
+
+
+def _video_kwargs(video: VideoSettings, max_pixels: int | None) -> dict:
+    kwargs = {"num_frames": video.frames, "fps": video.fps, "max_frames": video.max_frames}
+    return kwargs | ({"max_pixels": max_pixels} if max_pixels else {})
+
+
 class ConversationDataset(Dataset):
     """Examples for supervised training: `input_ids`, `labels`, `pixel_values` per item."""
 
     def __init__(self, records: list[Record], processor: VLMProcessor, max_length: int, skip_bad: bool = False,
-                 max_pixels: int | None = None):  # fmt: skip
+                 max_pixels: int | None = None, video: VideoSettings | None = None):  # fmt: skip
         self.processor, self.max_length, self.max_pixels = processor, max_length, max_pixels
+        self.video = video or VideoSettings()
         self.examples: list[Example] = []
         self.skipped: list[DataError] = []
         for record in records:
@@ -60,11 +77,32 @@ class ConversationDataset(Dataset):
         except DataError as err:
             raise record.error(f"image {path}: {err.problem}") from None
 
-    def _prepare(self, record: Record) -> Example:
-        images = [self._open(record, p, decode=False) for p in record.images]
-        crops = [self.processor.image_processor.plan(image.size) for image in images]
+    def _video(self, record: Record, decode: bool):
+        """A probe (frame size and times; nothing decoded) or the sampled (frames, times) of the record's video."""
         try:
-            encoded = self.processor.encode_text(record.conversations, crops)
+            return (read_video if decode else probe_video)(record.video, **_video_kwargs(self.video, self.max_pixels))
+        except DataError as err:
+            raise record.error(f"video {record.video}: {err.problem}") from None
+
+    def _budgets(self, record: Record, n_images: int) -> list[int | None]:
+        """Slice budget per image: the model's own for images, `video.max_slices` for the frames among them."""
+        n_frames = n_images - len(record.images)
+        if not n_frames:
+            return [None] * n_images
+        frames = [self.video.max_slices] * n_frames
+        return with_video_frames(record.conversations, [None] * len(record.images), frames, [0.0] * n_frames)[1]
+
+    def _prepare(self, record: Record) -> Example:
+        sizes = [self._open(record, p, decode=False).size for p in record.images]
+        conversations = record.conversations
+        if record.video:
+            probe = self._video(record, decode=False)
+            frames = [probe.size] * len(probe.timestamps)
+            conversations, sizes = with_video_frames(conversations, sizes, frames, probe.timestamps)
+        budgets = self._budgets(record, len(sizes))
+        plans = [self.processor.image_processor.plan(size, budget) for size, budget in zip(sizes, budgets)]
+        try:
+            encoded = self.processor.encode_text(conversations, plans)
         except DataError as err:
             raise record.error(err.problem) from None
         n = len(encoded["input_ids"])
@@ -84,8 +122,13 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        images = [self._open(example.record, p, decode=True) for p in example.record.images]
-        return {"input_ids": example.input_ids, "labels": example.labels} | self.processor.image_inputs(images)
+        record = example.record
+        images = [self._open(record, p, decode=True) for p in record.images]
+        if record.video:
+            frames, times = self._video(record, decode=True)
+            _, images = with_video_frames(record.conversations, images, frames, times)
+        images = self.processor.image_inputs(images, self._budgets(record, len(images)))
+        return {"input_ids": example.input_ids, "labels": example.labels} | images
 
 
 class Collator:

@@ -71,12 +71,15 @@ class VLMProcessor(ProcessorMixin):
             out.append(pieces[0] + "".join(self.image_text(next(plans)) + piece for piece in pieces[1:]))
         return out
 
-    def plans(self, images: list[Image.Image], max_slices: int | None = None) -> list[ImagePlan]:
-        return [self.image_processor.plan(image.size, max_slices) for image in images]
+    def plans(self, images: list[Image.Image], max_slices: int | list | None = None) -> list[ImagePlan]:
+        """Each image's plan; `max_slices` lowers the slice budget, for all images or per image (video frames)."""
+        budgets = max_slices if isinstance(max_slices, list) else [max_slices] * len(images)
+        return [self.image_processor.plan(image.size, budget) for image, budget in zip(images, budgets)]
 
-    def image_inputs(self, images: list[Image.Image], max_slices: int | None = None) -> dict:
+    def image_inputs(self, images: list[Image.Image], max_slices: int | list | None = None) -> dict:
         """`pixel_values` (and `crop_sizes` when crops differ in size) of all images' crops, in order."""
-        crops = [crop for image in images for crop in self.image_processor.crops(image, max_slices)]
+        budgets = max_slices if isinstance(max_slices, list) else [max_slices] * len(images)
+        crops = [crop for image, budget in zip(images, budgets) for crop in self.image_processor.crops(image, budget)]
         return batch_crops(crops) if crops else {}
 
     def encode_conversation(self, conversations: list[dict], images: list[Image.Image],

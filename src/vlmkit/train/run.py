@@ -15,9 +15,9 @@ from transformers import AutoTokenizer, ProgressCallback, TrainingArguments, set
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import LearningRates, RunConfig, to_yaml
-from vlmkit.data.dataset import Collator, ConversationDataset
+from vlmkit.data.dataset import Collator, ConversationDataset, VideoSettings
 from vlmkit.data.packing import PackedCollator
-from vlmkit.data.records import IMAGE_MARKER, read_record_files
+from vlmkit.data.records import IMAGE_MARKER, VIDEO_MARKER, read_record_files
 from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
 from vlmkit.train import distributed, lora
@@ -71,7 +71,8 @@ def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> 
 
 
 def _texts(records) -> list[str]:
-    return [turn["content"].replace(IMAGE_MARKER, "") for r in records for turn in r.conversations]
+    return [turn["content"].replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, "") for r in records
+            for turn in r.conversations]  # fmt: skip
 
 
 def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
@@ -108,7 +109,9 @@ def run(cfg: RunConfig, log=print) -> Path:
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)
     model, processor, rates = prepare_model(cfg, records, checkpoint, log)
 
-    kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels}
+    kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels,
+              "video": VideoSettings(cfg.data.video_frames, cfg.data.video_fps, cfg.data.video_max_frames,
+                                     cfg.data.video_max_slices)}  # fmt: skip
     train_set = ConversationDataset(records, processor, **kwargs)
     train_set.skipped = bad_lines + train_set.skipped
     eval_set = ConversationDataset.from_jsonl(cfg.data.eval, processor, **kwargs) if cfg.data.eval else None
