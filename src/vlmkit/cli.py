@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from vlmkit.cli_retrieval import add_commands as add_retrieval_commands
+from vlmkit.cli_retrieval import add_synth_docs_command
 from vlmkit.errors import VlmkitError
 
 
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmkit.data.synth_highres import add_command as add_highres_command
 
     add_highres_command(data)  # `data synth-highres`
+    add_synth_docs_command(data, "synth-docs")  # the same command as `docs synth`
 
     from vlmkit.data.importers import FORMATS
 

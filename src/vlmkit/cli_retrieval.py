@@ -123,11 +123,9 @@ def _retriever_eval(args) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Add the `docs` and `retriever` command groups to the main parser."""
-    docs = commands.add_parser("docs", help="document pages for retrieval: page stores, queries, pairs")
-    docs = docs.add_subparsers(dest="docs_command", required=True)
-    dsynth = docs.add_parser("synth", help="write the built-in document pages, pairs, queries and qrels (no download)")
+def add_synth_docs_command(group: argparse._SubParsersAction, name: str) -> None:
+    """`docs synth`, also reachable as `data synth-docs` beside the other built-in data sets."""
+    dsynth = group.add_parser(name, help="write the built-in document pages, pairs, queries and qrels (no download)")
     dsynth.add_argument("--out", default="data/synth-docs")
     dsynth.add_argument("--train", type=int, default=864, help="train pages (default: all 864 combinations)")
     dsynth.add_argument("--test", type=int, default=200, help="held-out test pages")
@@ -135,6 +133,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dsynth.add_argument("--size", type=int, default=64, help="page height in pixels")
     dsynth.add_argument("--seed", type=int, default=0)
     dsynth.set_defaults(func=_docs_synth)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add the `docs` and `retriever` command groups to the main parser."""
+    docs = commands.add_parser("docs", help="document pages for retrieval: page stores, queries, pairs")
+    docs = docs.add_subparsers(dest="docs_command", required=True)
+    add_synth_docs_command(docs, "synth")
     render = docs.add_parser("render", help="render PDF pages into a page store (pypdfium2, parallel)")
     render.add_argument("inputs", nargs="+", metavar="PDF_OR_DIR")
     render.add_argument("--out", required=True, help="page store (.h5); pages already in it are skipped")

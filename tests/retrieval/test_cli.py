@@ -38,3 +38,10 @@ def test_docs_synth_train_index_search_eval(tmp_path, capsys):
     metrics = json.loads(metrics_path.read_text())
     assert metrics["n_queries"] == metrics["n_docs"] == 12 and 0 <= metrics["ndcg@10"] <= 1
     assert main(["retriever", "search", " ", "--model", str(model), "--index", str(index)]) == 2  # empty query
+
+
+def test_data_synth_docs_is_the_same_command_as_docs_synth(tmp_path):
+    for command, out in ((["data", "synth-docs"], tmp_path / "a"), (["docs", "synth"], tmp_path / "b")):
+        assert main([*command, "--out", str(out), "--train", "6", "--test", "3", "--size", "32"]) == 0
+    for name in ("train_pairs.jsonl", "test_queries.jsonl", "test_qrels.tsv"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()

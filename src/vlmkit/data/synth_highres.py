@@ -144,10 +144,11 @@ def render(scene: HighresScene, clutter: int = 4) -> Image.Image:
     return image.resize((scene.image_size, scene.image_size), Image.LANCZOS)
 
 
-def make_record(seed: int, split: str, index: int, image_size: int = 256) -> tuple[dict, HighresScene]:
+def make_record(seed: int, split: str, index: int, image_size: int = 256,
+                max_objects: int = 3) -> tuple[dict, HighresScene]:  # fmt: skip
     """Record `index` of `split`, a pure function of its arguments."""
     rng = random.Random(f"highres-{seed}-{split}-{index}")
-    scene = make_scene(rng, PATTERNS[index % len(PATTERNS)], image_size)
+    scene = make_scene(rng, PATTERNS[index % len(PATTERNS)], image_size, max_objects)
     question = rng.choice(QUESTIONS).format(colour=scene.objects[0].colour)
     record = {"id": f"{split}-{index:06d}", "images": [f"images/{split}/{index:06d}-0.png"],
               "conversations": [{"role": "user", "content": "<image>\n" + question},
@@ -157,18 +158,24 @@ def make_record(seed: int, split: str, index: int, image_size: int = 256) -> tup
 
 
 def _write_chunk(args) -> list[dict]:
-    out_dir, seed, split, start, stop, image_size = args
+    out_dir, seed, split, start, stop, image_size, max_objects = args
     records = []
     for index in range(start, stop):
-        record, scene = make_record(seed, split, index, image_size)
+        record, scene = make_record(seed, split, index, image_size, max_objects)
         render(scene).save(out_dir / record["images"][0])
         records.append(record)
     return records
 
 
 def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image_size: int = 256,
-                  workers: int | None = None) -> dict[str, Path]:  # fmt: skip
-    """Write every split (train, val, test by default); returns split name -> JSONL path."""
+                  workers: int | None = None, max_objects: int = 3) -> dict[str, Path]:  # fmt: skip
+    """Write every split (train, val, test by default); returns split name -> JSONL path.
+
+    `max_objects=1` leaves one object per scene: the question then needs no colour-to-object
+    binding, only the resolution to see the pattern.
+    """
+    if max_objects < 1:
+        raise ConfigError(f"max_objects must be at least 1, not {max_objects}")
     if image_size < 128:
         raise ConfigError(f"image_size {image_size} is too small for the high-resolution task; use 128 or more "
                           "(256, the default, is four times the 64 px view)")  # fmt: skip
@@ -179,7 +186,7 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
         if n <= 0:
             continue
         (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
-        jobs = [(out_dir, seed, split, s, min(s + 256, n), image_size) for s in range(0, n, 256)]
+        jobs = [(out_dir, seed, split, s, min(s + 256, n), image_size, max_objects) for s in range(0, n, 256)]
         n_workers = min(len(jobs), workers or os.cpu_count() or 1)
         path, tmp = out_dir / f"{split}.jsonl", out_dir / f"{split}.jsonl.tmp"
         with tmp.open("w", encoding="utf-8") as handle:
@@ -194,7 +201,8 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
         paths[split] = path
     # Record i asks about pattern i mod 4, so the most common answer is ceil(n / 4) of n.
     baseline = {split: math.ceil(n / len(PATTERNS)) / n for split, n in sizes.items() if n > 0}
-    info = {"task": "highres", "seed": seed, "image_size": image_size, "sizes": sizes, "answers": PATTERNS,
+    info = {"task": "highres", "seed": seed, "image_size": image_size, "max_objects": max_objects,
+            "sizes": sizes, "answers": PATTERNS,
             "slice_grids": SLICE_GRIDS, "majority_baseline": baseline}  # fmt: skip
     (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     return paths
@@ -205,7 +213,8 @@ def add_command(data_commands) -> None:
 
     def run(args) -> None:
         sizes = {split: getattr(args, split) for split in DEFAULT_SIZES if getattr(args, split) is not None}
-        for split, path in synth_highres(Path(args.out), args.seed, sizes, args.image_size, args.workers).items():
+        paths = synth_highres(Path(args.out), args.seed, sizes, args.image_size, args.workers, args.max_objects)
+        for split, path in paths.items():
             print(f"{split}: {path}")
 
     command = data_commands.add_parser("synth-highres", help="write the built-in high-resolution task (fine "
@@ -215,5 +224,7 @@ def add_command(data_commands) -> None:
     for split, n in DEFAULT_SIZES.items():
         command.add_argument(f"--{split}", type=int, help=f"number of {split} records (default: {n})")
     command.add_argument("--image-size", type=int, default=256)
+    command.add_argument("--max-objects", type=int, default=3, help="objects per scene (default: 3; 1 needs no "
+                         "colour-to-object binding)")  # fmt: skip
     command.add_argument("--workers", type=int, help="processes (default: one per core)")
     command.set_defaults(func=run)
