@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.conftest import tiny_model_config
+from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
 from vlmkit.train.run import _texts
 
@@ -86,3 +87,21 @@ def test_minicpm_layout_wraps_the_whole_view_and_each_slice(train_records):
     assert text.count("<image>") == 4 * 10 and text.count("<slice>") == 9 and text.count("<img>") == 1
     fewer = processor.image_processor.plan((96, 96), max_slices=4)  # a request may lower the budget
     assert len(fewer.crop_sizes) <= 5
+
+
+def test_a_request_may_lower_the_slice_budget_but_not_raise_it(train_records):
+    from vlmkit.serve.engine import Engine
+    from vlmkit.serve.generation import GenerationSettings, stream_reply
+
+    result = build(tiny_model_config(slicing="minicpm", max_slices=4), training_texts=lambda: _texts(train_records))
+    model, processor = result.model.eval(), result.processor
+    image, messages = _image(128, 128), [{"role": "user", "content": "<image>\nWhat is it?"}]
+    engine = Engine(model, processor)
+    full, fewer, more = (engine.prompt_tokens(messages, [image], k) for k in (None, 1, 99))
+    assert fewer < full == more  # 1 slice: the whole view alone; 99 is capped at the model's 4
+    settings = GenerationSettings(max_new_tokens=3)
+    settings.update("max_slices", "1")
+    reply = "".join(stream_reply(model, processor, messages, [image], settings))  # features match the fewer tokens
+    assert isinstance(reply, str)
+    with pytest.raises(ConfigError, match="max_slices"):
+        settings.update("max_slices", "0")

@@ -144,7 +144,8 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
                            code="model_not_generative")  # fmt: skip
         job = await run_in_threadpool(to_job, chat, special_tokens, MAX_PIXELS)  # decoding images takes a while
         try:
-            prompt_tokens = await run_in_threadpool(engine.prompt_tokens, job.messages, job.images)
+            prompt_tokens = await run_in_threadpool(engine.prompt_tokens, job.messages, job.images,
+                                                    job.settings.max_slices)  # fmt: skip
         except VlmkitError as err:  # markers and images that disagree
             raise ApiError(400, str(err), "messages") from None
         fit_context(chat, job, prompt_tokens)

@@ -52,10 +52,10 @@ class Engine:
         self._waiting = 0
         self._lock = threading.Lock()
 
-    def prompt_tokens(self, messages: list[dict], images: list[Image.Image]) -> int:
+    def prompt_tokens(self, messages: list[dict], images: list[Image.Image], max_slices: int | None = None) -> int:
         """Length of the prompt `stream_reply` will build (raises DataError on a marker/image mismatch)."""
-        crops = [self.processor.image_processor.plan(image.size) for image in images]
-        return self.processor.encode_text(messages, crops, add_generation_prompt=True)["input_ids"].numel()
+        plans = self.processor.plans(images, max_slices)
+        return self.processor.encode_text(messages, plans, add_generation_prompt=True)["input_ids"].numel()
 
     def _admit(self) -> None:
         with self._lock:

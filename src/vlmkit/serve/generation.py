@@ -31,18 +31,19 @@ class GenerationSettings:
     top_k: int = 50
     repetition_penalty: float = 1.0
     seed: int | None = None
+    max_slices: int | None = None  # fewer slices per image than the model's own (sliced models only)
 
     def update(self, key: str, value: str) -> None:
         """Set one field from text (as `:conf key=value` does), converting to the field's type."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         if key not in fields:
             raise ConfigError(f"unknown setting {key!r}; known: {', '.join(fields)}")
-        kind = {"do_sample": bool, "seed": int}.get(key, type(getattr(self, key)))
+        kind = {"do_sample": bool, "seed": int, "max_slices": int}.get(key, type(getattr(self, key)))
         try:
             if kind is bool:
                 parsed = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}[value.lower()]
             else:
-                parsed = None if key == "seed" and value.lower() == "none" else kind(value)
+                parsed = None if key in ("seed", "max_slices") and value.lower() == "none" else kind(value)
         except (KeyError, ValueError):
             raise ConfigError(f"setting {key} needs a {kind.__name__}, got {value!r}") from None
         previous = getattr(self, key)
@@ -58,6 +59,8 @@ class GenerationSettings:
             raise ConfigError("max_new_tokens must be at least 1")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
             raise ConfigError("need temperature > 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0")
+        if self.max_slices is not None and self.max_slices < 1:
+            raise ConfigError("max_slices must be at least 1 (or none for the model's own)")
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
@@ -104,8 +107,10 @@ def stream_reply(model, processor, messages: list[dict], images: list[Image.Imag
                  settings: GenerationSettings) -> Iterator[str]:  # fmt: skip
     """Yield the reply to `messages` piece by piece; `images` match the markers in the messages, in order."""
     settings.check()
-    ids = processor.encode_text(messages, processor.plans(images), add_generation_prompt=True)["input_ids"][None]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)} | processor.image_inputs(images)
+    plans = processor.plans(images, settings.max_slices)
+    ids = processor.encode_text(messages, plans, add_generation_prompt=True)["input_ids"][None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs |= processor.image_inputs(images, settings.max_slices)
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
 

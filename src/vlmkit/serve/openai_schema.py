@@ -74,6 +74,7 @@ class ChatRequest(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
+    max_slices: int | None = Field(None, ge=1)  # vlmkit's own: fewer image slices (extra_body={"max_slices": 2})
     n: int = Field(1, ge=1, le=1)  # one choice per request
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -169,7 +170,7 @@ def settings(request: ChatRequest) -> GenerationSettings:
     return GenerationSettings(
         max_new_tokens=request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS,
         do_sample=temperature > 0, temperature=temperature or 1.0, top_p=request.top_p or 1.0, top_k=0,
-        seed=request.seed,
+        seed=request.seed, max_slices=request.max_slices,
     )  # fmt: skip
 
 
