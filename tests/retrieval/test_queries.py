@@ -69,3 +69,31 @@ def test_make_pairs_splits_by_page(tmp_path):
     (tmp_path / "none.jsonl").write_text(json.dumps({**records[0], "keep": False}) + "\n")
     with pytest.raises(DataError, match="no kept queries"):
         make_pairs(tmp_path / "none.jsonl", tmp_path / "out2")
+
+
+def test_text_layer_queries_are_unique_spans_of_each_page_and_resume(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vlmkit.data.page_store import PageStoreWriter
+    from vlmkit.data.queries import text_layer_queries
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    layers = {"a#1": "Installing the library\nRun make install to copy the shared library into place.",
+              "a#2": "Installing the library\nThe parser reads abstract syntax notation from a file.",
+              "b#1": "", "b#2": "short line"}  # fmt: skip
+    with PageStoreWriter(tmp_path / "pages.h5") as writer:
+        for doc_id, text in layers.items():
+            writer.add(doc_id, buffer.getvalue(), {"text": text})
+    store, out = PageStore(tmp_path / "pages.h5"), tmp_path / "queries.jsonl"
+    written, bare = text_layer_queries(store, out, per_page=2, words=(3, 5))
+    queries = _lines(out)
+    assert bare == 2 and written == len(queries) and {q["doc_id"] for q in queries} == {"a#1", "a#2"}
+    for q in queries:
+        own = " ".join(layers[q["doc_id"]].split())
+        assert q["text"] in own.replace(".", "")  # words of the page's own text, in order
+        assert "Installing the library" not in q["text"]  # shared by both pages: names neither
+    assert text_layer_queries(store, out, per_page=2, words=(3, 5)) == (0, 2)  # pages done are skipped
+    assert _lines(out) == queries

@@ -5,8 +5,10 @@ is a text file the user can change). `filter_queries` keeps the queries a few-sh
 classifier judges specific to one page and drops the context-dependent ones ("What is the
 date in the letter?"): it compares the model's probability of answering "yes" and "no".
 Both append to their output after every batch and skip what is already there, so an
-interrupted run goes on where it stopped. `make_pairs` splits the kept queries by page into
-training pairs and a BEIR-like test set.
+interrupted run goes on where it stopped. `text_layer_queries` needs no model: it takes spans
+of a PDF page's own text layer as queries (the Inverse Cloze Task's weak supervision), for
+when no VLM good enough to write queries is at hand. `make_pairs` splits the kept queries by
+page into training pairs and a BEIR-like test set.
 
 Query records, one per line: {"id": "...", "doc_id": "...", "text": "..."} (+ "keep", "p_keep").
 """
@@ -14,6 +16,8 @@ Query records, one per line: {"id": "...", "doc_id": "...", "text": "..."} (+ "k
 from __future__ import annotations
 
 import json
+import random
+import re
 from pathlib import Path
 
 import torch
@@ -124,6 +128,52 @@ def filter_queries(model, processor, queries: str | Path, out: str | Path, promp
                 handle.write(json.dumps({**record, "keep": keep, "p_keep": round(p, 4)}) + "\n")
             handle.flush()
     return kept, dropped
+
+
+WORD = re.compile(r"[\w'-]+")
+
+
+def _spans(text: str, words: tuple[int, int], rng: random.Random) -> list[list[str]]:
+    """Runs of consecutive words within one line each, overlapping by half, in random order."""
+    spans = []
+    for line in text.splitlines():
+        tokens = WORD.findall(line)
+        if len(tokens) < words[0]:
+            continue
+        n = min(rng.randint(*words), len(tokens))
+        spans += [tokens[i:i + n] for i in range(0, len(tokens) - n + 1, max(1, n // 2))]
+    rng.shuffle(spans)
+    return spans
+
+
+def text_layer_queries(store: PageStore, out: str | Path, per_page: int = 2, words: tuple[int, int] = (5, 10),
+                       seed: int = 0) -> tuple[int, int]:  # fmt: skip
+    """Up to `per_page` queries per page, each a run of consecutive words from its text layer.
+
+    Spans come from within one line (lines keep headings and sentences whole), drawn with a
+    seed per page, and are kept only if their words occur together on no other page, so each
+    query names one page. Resumable like `generate_queries`. Returns (written, pages with no
+    usable text layer).
+    """
+    out = Path(out)
+    done = {r["doc_id"] for r in _read_done(out).values()}
+    layers = {doc_id: store.meta(doc_id).get("text", "") for doc_id in store.ids}
+    flat = {doc_id: " ".join(WORD.findall(text)).lower() for doc_id, text in layers.items()}
+    written = bare = 0
+    with out.open("a", encoding="utf-8") as handle:
+        for doc_id, text in layers.items():
+            if doc_id in done:
+                continue
+            spans = _spans(text, words, random.Random(f"{seed}-{doc_id}"))
+            unique = [" ".join(span) for span in spans
+                      if not any(" ".join(span).lower() in other for d, other in flat.items() if d != doc_id)]
+            if not unique:
+                bare += 1
+                continue
+            for k, query in enumerate(unique[:per_page]):
+                handle.write(json.dumps({"id": f"{doc_id}::t{k}", "doc_id": doc_id, "text": query}) + "\n")
+                written += 1
+    return written, bare
 
 
 def make_pairs(queries: str | Path, out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:
