@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick demo-retrieval test test-slow test-all clean chromium
+.PHONY: demo demo-quick demo-retrieval test test-slow test-all clean chromium bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,17 +27,23 @@ demo-quick: $(STAMP)
 demo-retrieval: $(STAMP)
 	$(BIN)/vlmkit retriever demo --out runs/demo-retrieval --data data/synth-docs
 
+# $(call apt_install,COMMAND,PACKAGE,WHAT HAPPENS WITHOUT IT): the Debian package that provides
+# COMMAND, installed when missing and apt-get can run as root (directly or through sudo -n).
+define apt_install
+@command -v $(1) >/dev/null 2>&1 || { \
+  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+  if [ "$$SUDO" != no ] && command -v apt-get >/dev/null 2>&1; then \
+    echo "installing $(2) (Debian package)"; \
+    { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) \
+      >/dev/null; } || echo "could not install $(2): $(3)"; \
+  else echo "no $(1), and apt-get cannot run as root: $(3)"; fi; }
+endef
+
 # The web UI's browser test drives Debian's chromium (through playwright, which needs no
 # download of its own). Installed here when missing and apt-get can run as root; otherwise
 # that test is skipped and says why.
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
-	  if [ "$$SUDO" != no ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium (Debian package) for the browser test"; \
-	    { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
-	      >/dev/null; } || echo "could not install chromium: the browser test will be skipped"; \
-	  else echo "no chromium, and apt-get cannot run as root: the browser test will be skipped"; fi; }
+	$(call apt_install,chromium,chromium,the browser test will be skipped)
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -m "not slow" tests
@@ -47,6 +53,14 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP) chromium
 	$(BIN)/python -m pytest tests
+
+# Every benchmark (docs/benchmarks.md) into runs/bench/results.json: about 16 minutes on 2 cores.
+# pdftoppm (poppler-utils), the PDF rendering reference, is installed when missing and apt-get
+# can run as root; otherwise that reference is left empty and the entry says why.
+bench: $(STAMP)
+	$(call apt_install,pdftoppm,poppler-utils,the pdftoppm reference is left empty)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf runs data/synth data/synth-quick data/synth-docs

@@ -82,13 +82,8 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--micro", type=int, default=8)
-    parser.add_argument("--factor", type=int, default=64)
-    parser.add_argument("--size", type=int, default=64)
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def setup(device: str, micro: int):
+    """The retriever-tiny model in training mode, with its plain step and its GradCache step."""
     config = resources.files("vlmkit").joinpath("configs/retriever-tiny.yaml")
     cfg = load_retriever_config(str(config), [])
     torch.manual_seed(0)
@@ -103,8 +98,19 @@ def main() -> None:
         loss_fn(reps).backward()
 
     def cached(inputs):
-        grad_cache_step(lambda b: model(**b), [inputs["query"], inputs["doc"]], loss_fn, args.micro)
+        grad_cache_step(lambda b: model(**b), [inputs["query"], inputs["doc"]], loss_fn, micro)
 
+    return model, processor, plain, cached
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--factor", type=int, default=64)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor, plain, cached = setup(device, args.micro)
     small = batch(model, processor, args.micro, args.size, device)
     large = batch(model, processor, args.micro * args.factor, args.size, device)
     plain(small)  # warm-up; also leaves .grad allocated, as in training after the first step

@@ -97,12 +97,17 @@ def _place(rng: random.Random, image_size: int, diameter: float, taken: list[Sma
     raise ValueError("could not place the objects apart; lower max_objects or raise image_size")
 
 
-def make_scene(rng: random.Random, answer: str, image_size: int = 256, max_objects: int = 3) -> HighresScene:
-    """A scene whose first object has pattern `answer`; the others (up to `max_objects` in all) differ in colour."""
+def make_scene(rng: random.Random, answer: str, image_size: int = 256, max_objects: int = 3,
+               object_size: tuple[float, float] = OBJECT_SIZE) -> HighresScene:  # fmt: skip
+    """A scene whose first object has pattern `answer`; the others (up to `max_objects` in all) differ in colour.
+
+    `object_size` is the diameter range in pixels of a 256 px image; larger objects carry more
+    stripes, so a model trained from scratch learns the patterns sooner.
+    """
     objects: list[SmallObj] = []
     for i, colour in enumerate(rng.sample(sorted(COLOURS), rng.randint(1, max_objects))):
         pattern = answer if i == 0 else rng.choice(PATTERNS)
-        diameter = rng.uniform(*OBJECT_SIZE) * image_size / 256
+        diameter = rng.uniform(*object_size) * image_size / 256
         cx, cy = _place(rng, image_size, diameter, objects)
         objects.append(SmallObj(pattern, rng.choice(SHAPES), colour, cx, cy, diameter))
     return HighresScene(objects, image_size, rng.randrange(2**31))
@@ -144,11 +149,11 @@ def render(scene: HighresScene, clutter: int = 4) -> Image.Image:
     return image.resize((scene.image_size, scene.image_size), Image.LANCZOS)
 
 
-def make_record(seed: int, split: str, index: int, image_size: int = 256,
-                max_objects: int = 3) -> tuple[dict, HighresScene]:  # fmt: skip
+def make_record(seed: int, split: str, index: int, image_size: int = 256, max_objects: int = 3,
+                object_size: tuple[float, float] = OBJECT_SIZE) -> tuple[dict, HighresScene]:  # fmt: skip
     """Record `index` of `split`, a pure function of its arguments."""
     rng = random.Random(f"highres-{seed}-{split}-{index}")
-    scene = make_scene(rng, PATTERNS[index % len(PATTERNS)], image_size, max_objects)
+    scene = make_scene(rng, PATTERNS[index % len(PATTERNS)], image_size, max_objects, object_size)
     question = rng.choice(QUESTIONS).format(colour=scene.objects[0].colour)
     record = {"id": f"{split}-{index:06d}", "images": [f"images/{split}/{index:06d}-0.png"],
               "conversations": [{"role": "user", "content": "<image>\n" + question},
@@ -158,17 +163,18 @@ def make_record(seed: int, split: str, index: int, image_size: int = 256,
 
 
 def _write_chunk(args) -> list[dict]:
-    out_dir, seed, split, start, stop, image_size, max_objects = args
+    out_dir, seed, split, start, stop, image_size, max_objects, object_size = args
     records = []
     for index in range(start, stop):
-        record, scene = make_record(seed, split, index, image_size, max_objects)
+        record, scene = make_record(seed, split, index, image_size, max_objects, object_size)
         render(scene).save(out_dir / record["images"][0])
         records.append(record)
     return records
 
 
 def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image_size: int = 256,
-                  workers: int | None = None, max_objects: int = 3) -> dict[str, Path]:  # fmt: skip
+                  workers: int | None = None, max_objects: int = 3,
+                  object_size: tuple[float, float] = OBJECT_SIZE) -> dict[str, Path]:  # fmt: skip
     """Write every split (train, val, test by default); returns split name -> JSONL path.
 
     `max_objects=1` leaves one object per scene: the question then needs no colour-to-object
@@ -176,6 +182,8 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
     """
     if max_objects < 1:
         raise ConfigError(f"max_objects must be at least 1, not {max_objects}")
+    if not 4 <= object_size[0] <= object_size[1] <= 48:
+        raise ConfigError(f"object_size {object_size} must be a (min, max) range within 4 to 48 px (of 256)")
     if image_size < 128:
         raise ConfigError(f"image_size {image_size} is too small for the high-resolution task; use 128 or more "
                           "(256, the default, is four times the 64 px view)")  # fmt: skip
@@ -186,7 +194,8 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
         if n <= 0:
             continue
         (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
-        jobs = [(out_dir, seed, split, s, min(s + 256, n), image_size, max_objects) for s in range(0, n, 256)]
+        jobs = [(out_dir, seed, split, s, min(s + 256, n), image_size, max_objects, tuple(object_size))
+                for s in range(0, n, 256)]  # fmt: skip
         n_workers = min(len(jobs), workers or os.cpu_count() or 1)
         path, tmp = out_dir / f"{split}.jsonl", out_dir / f"{split}.jsonl.tmp"
         with tmp.open("w", encoding="utf-8") as handle:
@@ -202,6 +211,7 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
     # Record i asks about pattern i mod 4, so the most common answer is ceil(n / 4) of n.
     baseline = {split: math.ceil(n / len(PATTERNS)) / n for split, n in sizes.items() if n > 0}
     info = {"task": "highres", "seed": seed, "image_size": image_size, "max_objects": max_objects,
+            "object_size": list(object_size),
             "sizes": sizes, "answers": PATTERNS,
             "slice_grids": SLICE_GRIDS, "majority_baseline": baseline}  # fmt: skip
     (out_dir / "info.json").write_text(json.dumps(info, indent=2))
@@ -213,7 +223,8 @@ def add_command(data_commands) -> None:
 
     def run(args) -> None:
         sizes = {split: getattr(args, split) for split in DEFAULT_SIZES if getattr(args, split) is not None}
-        paths = synth_highres(Path(args.out), args.seed, sizes, args.image_size, args.workers, args.max_objects)
+        paths = synth_highres(Path(args.out), args.seed, sizes, args.image_size, args.workers, args.max_objects,
+                              tuple(args.object_size))  # fmt: skip
         for split, path in paths.items():
             print(f"{split}: {path}")
 
@@ -226,5 +237,7 @@ def add_command(data_commands) -> None:
     command.add_argument("--image-size", type=int, default=256)
     command.add_argument("--max-objects", type=int, default=3, help="objects per scene (default: 3; 1 needs no "
                          "colour-to-object binding)")  # fmt: skip
+    command.add_argument("--object-size", type=float, nargs=2, default=list(OBJECT_SIZE), metavar=("MIN", "MAX"),
+                         help="object diameters in px of a 256 px image (default: 14 20)")
     command.add_argument("--workers", type=int, help="processes (default: one per core)")
     command.set_defaults(func=run)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from vlmkit.data.page_store import PageStore
 from vlmkit.errors import DataError
+from vlmkit.eval.exact_search import search_topk as search  # exact top-k, ties to the lower index
 from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs, score
 from vlmkit.processing.processor import VLMProcessor
 
@@ -154,33 +155,6 @@ def load_index(path: str | Path) -> tuple[list[str], torch.Tensor]:
 
 
 # --- search ---------------------------------------------------------------------------------------
-
-
-def search(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_elements: int = 2**24):
-    """Exact top-k (scores, page indices) per query, best first; ties go to the lower index.
-
-    Scores are computed for blocks of queries x pages of at most `chunk_elements` token-pair
-    scores, and each block is merged into the running top-k with a stable sort.
-    """
-    k = min(k, docs.shape[0])
-    per_pair = 1 if queries.dim() == 2 else queries.shape[1] * docs.shape[1]
-    query_chunk = max(1, min(queries.shape[0], 1024))
-    doc_chunk = max(1, chunk_elements // (query_chunk * per_pair))
-    all_scores, all_indices = [], []
-    for qs in range(0, queries.shape[0], query_chunk):
-        q = queries[qs:qs + query_chunk].float()
-        best_scores = torch.empty(q.shape[0], 0)
-        best_indices = torch.empty(q.shape[0], 0, dtype=torch.long)
-        for ds in range(0, docs.shape[0], doc_chunk):
-            block = score(q, docs[ds:ds + doc_chunk].float())
-            # Earlier pages sit to the left, so the stable sort keeps ties in page order.
-            scores = torch.cat([best_scores, block], dim=1)
-            indices = torch.cat([best_indices, torch.arange(ds, ds + block.shape[1]).expand(q.shape[0], -1)], dim=1)
-            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-            best_scores, best_indices = scores.gather(1, order), indices.gather(1, order)
-        all_scores.append(best_scores)
-        all_indices.append(best_indices)
-    return torch.cat(all_scores), torch.cat(all_indices)
 
 
 # --- metrics --------------------------------------------------------------------------------------
