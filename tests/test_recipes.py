@@ -58,7 +58,8 @@ def test_minicpm_v_recipe_gives_64_tokens_per_crop_for_at_most_ten_crops(tiny):
     model = load_config("recipes/minicpm-v").model
     config = VLMConfig(vision_config=model.vision_config, text_config=model.text_config,
                        projector_type=model.projector, projector_args=model.projector_args)  # fmt: skip
-    images = VLMImageProcessor(size=448, slicing=model.slicing, max_slices=model.max_slices, multiple=14)
+    assert model.crop_size == 448  # MiniCPM-V's slice size (its 384 px tower interpolates positions)
+    images = VLMImageProcessor(size=model.crop_size, slicing=model.slicing, max_slices=model.max_slices, multiple=14)
     processor = VLMProcessor(images, tiny.processor.tokenizer, image_token_spec=image_token_spec(config))
     for side in (1344, 1800, 900):
         plan = images.plan((side, side))

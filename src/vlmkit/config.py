@@ -45,6 +45,7 @@ class ModelConfig:
     image_size: int | None = None  # square input side; needed by CNN encoders, which have none of their own
     image_resize_mode: str = "pad"
     slicing: str | None = None  # high-resolution crops: None, "minicpm" (adaptive slices) or "anyres" (tiles)
+    crop_size: int | None = None  # side of the crops (slices are about this size); None: the encoder's own input
     max_slices: int = 9  # slices (or tiles) beyond the whole-image view; a request may ask for fewer
     vocab_size: int = 1024  # of the BPE tokenizer trained on the training text when `lm` is None
     attn_implementation: str = "sdpa"
@@ -62,7 +63,7 @@ class DataConfig:
     video_frames: int = 8  # frames sampled uniformly from a record's video
     video_fps: float | None = None  # sample at this rate instead (still capped by video_max_frames)
     video_max_frames: int = 32
-    video_max_slices: int = 1  # slices per frame when the model slices images (1: the whole view alone)
+    video_max_slices: int = 1  # slices per frame with a slicing model (1: the whole view; anyres: + 1 tile)
 
 
 @dataclass

@@ -56,7 +56,7 @@ def shrink(config):
     model.init_from = model.vision = model.lm = None
     model.vision_config = {"model_type": vision_type, **TINY_VISION[vision_type]}
     model.text_config = {"model_type": model.text_config.get("model_type", "llama"), **TINY_TEXT}
-    model.image_size, model.dtype = None, "float32"
+    model.image_size, model.crop_size, model.dtype = None, None, "float32"
     args = {k: v for k, v in model.projector_args.items() if k not in SIZED_PROJECTOR_ARGS}
     if "num_queries" in args or model.projector in ("resampler", "qformer"):
         args["num_queries"] = min(int(args.get("num_queries", TINY_QUERIES)), TINY_QUERIES)

@@ -105,3 +105,16 @@ def test_a_request_may_lower_the_slice_budget_but_not_raise_it(train_records):
     assert isinstance(reply, str)
     with pytest.raises(ConfigError, match="max_slices"):
         settings.update("max_slices", "0")
+
+
+def test_a_vit_whose_input_is_no_multiple_of_its_patch_drops_the_leftover_pixels(train_records):
+    """SigLIP-so400m-patch14-384 style: 384 px at patch 14 is 27 patches, 6 pixels left over."""
+    from tests.conftest import TEST_VISION
+
+    cfg = tiny_model_config(vision_config={**TEST_VISION, "image_size": 36})  # 36 px at patch 8: 4 patches
+    result = build(cfg, training_texts=lambda: _texts(train_records))
+    model, processor = result.model.eval(), result.processor
+    assert processor.tokens_per_crop == model.tokens_per_crop == 16
+    inputs = processor.image_inputs([_image(50, 40)])
+    with torch.no_grad():
+        assert model.get_image_features(**inputs).shape[0] == 16

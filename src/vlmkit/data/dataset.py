@@ -36,7 +36,8 @@ class VideoSettings:
     frames: int = 8  # sampled uniformly ...
     fps: float | None = None  # ... or at this rate; either way at most max_frames
     max_frames: int = 32
-    max_slices: int = 1  # slices per frame when the model slices images: frames are many, so fewer
+    max_slices: int = 1  # slices per frame when the model slices images (frames are many): 1 is the whole
+    # view alone with minicpm slicing, the global view plus one tile with anyres
 
 
 def _video_kwargs(video: VideoSettings, max_pixels: int | None) -> dict:

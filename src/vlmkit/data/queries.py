@@ -164,9 +164,13 @@ def text_layer_queries(store: PageStore, out: str | Path, per_page: int = 2, wor
         for doc_id, text in layers.items():
             if doc_id in done:
                 continue
-            spans = _spans(text, words, random.Random(f"{seed}-{doc_id}"))
-            unique = [" ".join(span) for span in spans
-                      if not any(" ".join(span).lower() in other for d, other in flat.items() if d != doc_id)]
+            unique = []
+            for span in _spans(text, words, random.Random(f"{seed}-{doc_id}")):
+                query = " ".join(span)
+                if not any(query.lower() in other for d, other in flat.items() if d != doc_id):
+                    unique.append(query)
+                if len(unique) == per_page:  # each check reads every other page: stop once there are enough
+                    break
             if not unique:
                 bare += 1
                 continue

@@ -37,7 +37,8 @@ def block_scores(queries: torch.Tensor, docs: torch.Tensor, out: torch.Tensor | 
 def _block_top_k(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores, column indices) of each row; among equal scores at the cut, the lower columns."""
     if block.shape[1] <= k:
-        return block, torch.arange(block.shape[1], device=block.device).expand(block.shape[0], -1)
+        # a copy: `block` is a view of the buffer the next block overwrites
+        return block.clone(), torch.arange(block.shape[1], device=block.device).expand(block.shape[0], -1)
     values, columns = block.topk(k + 1, dim=1)  # one more, to see whether the k-th score is shared past the cut
     tied = torch.nonzero(values[:, k - 1] == values[:, k]).flatten().tolist()
     values, columns = values[:, :k].clone(), columns[:, :k].clone()
@@ -66,8 +67,11 @@ def search_topk(queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_element
     token-pair scores, so memory is bounded by the block, never by the corpus.
     """
     k = min(k, docs.shape[0])
+    if k == 0 or queries.shape[0] == 0:
+        return torch.zeros(queries.shape[0], k), torch.zeros(queries.shape[0], k, dtype=torch.long)
     per_pair = 1 if queries.dim() == 2 else queries.shape[1] * docs.shape[1]
-    query_chunk = max(1, min(queries.shape[0], 1024))
+    # Fewer queries per block when pairs are large (multi-vector), so a block never exceeds the budget.
+    query_chunk = max(1, min(queries.shape[0], 1024, chunk_elements // (per_pair * (k + 1))))
     doc_chunk = max(k + 1, chunk_elements // (query_chunk * per_pair))
     # One buffer for every block's products: allocating a block's worth each time makes the
     # allocator keep freed blocks around (several hundred MB of resident memory in a long search).

@@ -50,6 +50,8 @@ class Question:
 def questions_of(records: list[Record], processor: VLMProcessor) -> list[Question]:
     out = []
     for record in records:
+        if record.video:
+            raise record.error("`vlmkit eval` scores image records only; this one has a video")
         images = [open_image(p, decode=False) for p in record.images]
         crops = [processor.image_processor.plan(image.size) for image in images]
         for turn, message in enumerate(record.conversations):

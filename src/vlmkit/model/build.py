@@ -88,7 +88,8 @@ def _image_processor(cfg: ModelConfig, config: VLMConfig) -> VLMImageProcessor:
             mean, std = CLIP_MEAN, CLIP_STD
     # Slices must cut into whole patches, and into whole groups of them for a pixel shuffle.
     multiple = vision.stride(vision_config) * grid_multiple(image_token_spec(config))
-    return VLMImageProcessor(size=vision.input_size(config), image_mean=mean, image_std=std,
+    # ViT towers interpolate their position embeddings for a crop_size other than their own (MiniCPM-V's 448).
+    return VLMImageProcessor(size=cfg.crop_size or vision.input_size(config), image_mean=mean, image_std=std,
                              resize_mode=cfg.image_resize_mode, slicing=cfg.slicing, max_slices=cfg.max_slices,
                              multiple=multiple)  # fmt: skip
 

@@ -19,6 +19,7 @@ def image_token_spec(config) -> dict:
         "grid": list(vision.patch_grid(config)),
         "prefix": vision.prefix_tokens(config.vision_config, config.vision_feature_select_strategy),
         "input_size": vision.input_size(config),
+        "stride": vision.stride(config.vision_config),
     }
 
 

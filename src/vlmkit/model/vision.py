@@ -72,10 +72,15 @@ def patch_grid(config) -> tuple[int, int]:
 
 
 def grid_for_size(vision_config: PreTrainedConfig, height: int, width: int) -> tuple[int, int]:
-    """The (rows, cols) feature grid of a crop of `height` x `width` pixels (slices need not be square)."""
+    """The (rows, cols) feature grid of a crop of `height` x `width` pixels (slices need not be square).
+
+    A ViT's patch convolution drops pixels left over past the last whole patch (384 px at patch
+    14 gives 27 patches), so the grid rounds down; a CNN's crops must divide by its stride.
+    """
     s = stride(vision_config)
-    if height % s or width % s:
-        raise ConfigError(f"a {height}x{width} crop is not a multiple of the encoder's stride {s}")
+    if is_cnn(vision_config) and (height % s or width % s):
+        raise ConfigError(f"a {height}x{width} crop is not a multiple of the {vision_config.model_type} encoder's "
+                          f"stride {s}; choose image sizes that are")  # fmt: skip
     return height // s, width // s
 
 

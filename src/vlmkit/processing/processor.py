@@ -44,7 +44,7 @@ class VLMProcessor(ProcessorMixin):
     def crop_tokens(self, height: int, width: int) -> int:
         """Tokens of one crop of `height` x `width` pixels (slices need not be the native square)."""
         spec = self.image_token_spec
-        stride = spec["input_size"] // spec["grid"][0]
+        stride = spec.get("stride") or spec["input_size"] // spec["grid"][0]  # (processors saved before "stride")
         return num_image_tokens(spec, (height // stride, width // stride))
 
     def image_text(self, plan: ImagePlan | int) -> str:

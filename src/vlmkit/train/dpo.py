@@ -39,6 +39,8 @@ class PreferenceDataset(ConversationDataset):
     """Preference records as pairs of token sequences sharing the prompt and images."""
 
     def _prepare(self, record: Record) -> Pair:
+        if record.video:
+            raise record.error("DPO takes image records only; this one has a video (train on its frames as images)")
         images = [self._open(record, p, decode=False) for p in record.images]
         crops = [self.processor.image_processor.plan(image.size) for image in images]
         prompt = record.conversations[:-1]

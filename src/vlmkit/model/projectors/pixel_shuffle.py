@@ -45,7 +45,8 @@ def pixel_shuffle(patches: torch.Tensor, grid: Grid, factor: int) -> torch.Tenso
 class PixelShuffleProjector(Projector):
     """Space-to-depth by `factor` (default 2), then a linear layer, or an MLP when `hidden_size` is given.
 
-    Other args: `act` (the MLP's activation, default "gelu"), `pos_embed` (learned positions).
+    Other args: `act` (the MLP's activation, default "gelu"), `layernorm` (normalise the folded
+    features first, as MiniMind-V's SigLIP2 projector does), `pos_embed` (learned positions).
     """
 
     def __init__(self, vision_dim: int, text_dim: int, args: dict, grid: Grid, prefix: int):
@@ -57,6 +58,7 @@ class PixelShuffleProjector(Projector):
             self.proj = nn.Sequential(nn.Linear(wide, hidden), act, nn.Linear(hidden, text_dim))
         else:  # no bias, as in nanoVLM and Idefics3
             self.proj = nn.Linear(wide, text_dim, bias=False)
+        self.norm = nn.LayerNorm(wide) if args.get("layernorm", False) else nn.Identity()
         self.positions = GridPositions(shuffled_grid(grid, self.factor), 0, text_dim, args.get("pos_embed", False))
 
     @staticmethod
@@ -78,4 +80,4 @@ class PixelShuffleProjector(Projector):
         else:  # crops of different grids: shuffle each on its own, then pad
             shuffled = pad_crops([pixel_shuffle(patches[i : i + 1, : h * w], (h, w), self.factor)[0]
                                   for i, (h, w) in enumerate(grids)])  # fmt: skip
-        return self.positions(self.proj(shuffled), out_grids)
+        return self.positions(self.proj(self.norm(shuffled)), out_grids)
