@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import TEST_TEXT, TEST_VISION, tiny_model_config
 from vlmkit.cli import main
@@ -18,6 +19,7 @@ from vlmkit.data.records import Record, read_records
 from vlmkit.errors import DataError
 
 MAX_LENGTH = 200
+MAX_PIXELS = 4000  # data.max_pixels, lowered so that a small file can be "too large"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,11 @@ def images(tmp_path, good):
     truncated = tmp_path / "truncated.png"
     data = open(good[0]["images"][0], "rb").read()
     truncated.write_bytes(data[: len(data) // 2])  # a valid PNG header, then the pixel data stops
-    return {"missing": tmp_path / "no_such_image.png", "garbage": garbage, "truncated": truncated}
+    tiny, huge = tmp_path / "tiny.png", tmp_path / "huge.png"
+    Image.new("RGB", (3, 40)).save(tiny)  # a side under the 4-pixel minimum
+    Image.new("RGB", (64, 64)).save(huge)  # 4,096 pixels: over the MAX_PIXELS the tests set
+    return {"missing": tmp_path / "no_such_image.png", "garbage": garbage, "truncated": truncated, "tiny": tiny,
+            "huge": huge}
 
 
 def write_jsonl(path, lines):
@@ -71,6 +77,8 @@ def test_good_records_fit_the_length_limit(processor, good):
     [
         ("missing", "image file not found"),
         ("garbage", "not a readable image"),
+        ("tiny", "each side must be at least 4 pixels"),
+        ("huge", "over the limit of 4000; downscale it or raise max_pixels"),
         ("too_long", "tokens long, over max_length 200"),
     ],
 )  # fmt: skip
@@ -78,7 +86,7 @@ def test_each_problem_names_file_line_id_and_problem(processor, good, images, tm
     bad = too_long(good[1]) if case == "too_long" else with_image(good[1], images[case], case)
     path = write_jsonl(tmp_path / "data.jsonl", [good[0], good[2], bad])
     with pytest.raises(DataError) as err:
-        ConversationDataset.from_jsonl(path, processor, max_length=MAX_LENGTH)
+        ConversationDataset.from_jsonl(path, processor, max_length=MAX_LENGTH, max_pixels=MAX_PIXELS)
     message = str(err.value)
     assert message.startswith(f"{path}:3 (id '{bad['id']}'): ")
     assert problem in message
