@@ -188,13 +188,24 @@ def print_table(entries: list[dict], title: str | None = None) -> None:
             print(f"  note, {e['name']}: {e['note']}")
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-    """An argument parser with the options every script takes: --small and --out."""
+def parser(doc: str, child_jobs: bool = False) -> argparse.ArgumentParser:
+    """An argument parser with the options every script takes: --small and --out (and, for scripts
+    that measure in fresh processes, the internal --child JSON job: see `ran_child`)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(doc.splitlines()[1:]))  # fmt: skip
     p.add_argument("--small", action="store_true", help="the quick sizes (seconds, for a check that it runs)")
     p.add_argument("--out", type=Path, help="write the entries here as JSON (run_all.py passes this)")
+    if child_jobs:
+        p.add_argument("--child", help="internal: one measurement (a JSON job) in this process")
     return p
+
+
+def ran_child(args, child: Callable[[dict], dict]) -> bool:
+    """When this process was started for one `--child` job: run it, hand its result back, say so."""
+    if not getattr(args, "child", None):
+        return False
+    emit(child(json.loads(args.child)))
+    return True
 
 
 def run_python(args: list[str], timeout: float, env: dict | None = None,

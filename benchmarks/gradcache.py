@@ -113,16 +113,14 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = common.parser(__doc__)
+    parser = common.parser(__doc__, child_jobs=True)
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--batches", help="global batches (default 8,16,...,1024; small 8,32,128)")
     parser.add_argument("--plain-max", type=int, help="largest batch for plain steps (default: all that fit; small 32)")
     parser.add_argument("--size", type=int, default=64, help="page image side in pixels")
     parser.add_argument("--plot", type=Path, default=common.OUT_DIR / "bench_gradcache_memory.png")
-    parser.add_argument("--child", help="internal: one measurement (a JSON job) in this process")
     args = parser.parse_args()
-    if args.child:
-        common.emit(child(json.loads(args.child)))
+    if common.ran_child(args, child):
         return
     started = time.perf_counter()
     batches = [int(b) for b in args.batches.split(",")] if args.batches else \

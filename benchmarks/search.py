@@ -155,7 +155,7 @@ def corpus_text(kind: str, args) -> str:
 
 
 def main() -> None:
-    parser = common.parser(__doc__)
+    parser = common.parser(__doc__, child_jobs=True)
     parser.add_argument("--docs", type=int, help="single-vector pages (default 1,000,000; small 50,000)")
     parser.add_argument("--queries", type=int, help="single-vector queries (default 1,000; small 200)")
     parser.add_argument("--dim", type=int, default=256)
@@ -164,10 +164,8 @@ def main() -> None:
     parser.add_argument("--mv-doc-tokens", type=int, default=64)
     parser.add_argument("--mv-queries", type=int, default=100)
     parser.add_argument("--mv-query-tokens", type=int, default=32)
-    parser.add_argument("--child", help="internal: one measurement (a JSON job) in this process")
     args = parser.parse_args()
-    if args.child:
-        common.emit(child(json.loads(args.child)))
+    if common.ran_child(args, child):
         return
     started = time.perf_counter()
     args.docs = args.docs or (50_000 if args.small else 1_000_000)
