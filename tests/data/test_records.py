@@ -39,6 +39,11 @@ def test_markers_are_added_before_the_first_user_turn_when_missing():
     assert record.conversations[0]["content"] == "Be brief."
 
 
+def video_record(content="<video>\nWhat happens?", **fields):
+    turns = [{"role": "user", "content": content}, {"role": "assistant", "content": "it moves"}]
+    return {"id": "v1", "video": "clips/1.mp4", **fields, "conversations": turns}
+
+
 @pytest.mark.parametrize(
     "raw, problem",
     [
@@ -49,6 +54,10 @@ def test_markers_are_added_before_the_first_user_turn_when_missing():
         ({"conversations": "hello"}, "non-empty list"),
         ({"images": [3], "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
          "list of non-empty path strings"),
+        (video_record(content="<video><video>"), "2 <video> marker(s) but 1 video(s)"),
+        ({**video_record(), "video": None, "id": "x"}, "1 <video> marker(s) but 0 video(s)"),
+        (video_record(video=["a.mp4", "b.mp4"]), "field 'video' must be one non-empty path string"),
+        (video_record(video=""), "field 'video' must be one non-empty path string"),
     ],
 )  # fmt: skip
 def test_bad_records_name_file_line_and_problem(tmp_path, raw, problem):
@@ -91,11 +100,6 @@ def test_write_then_read_round_trips(tmp_path):
         original.id, original.images, original.conversations, original.category)  # fmt: skip
 
 
-def video_record(content="<video>\nWhat happens?", **fields):
-    turns = [{"role": "user", "content": content}, {"role": "assistant", "content": "it moves"}]
-    return {"id": "v1", "video": "clips/1.mp4", **fields, "conversations": turns}
-
-
 def test_video_path_is_resolved_relative_to_the_file_and_kept_apart_from_images(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", [video_record(images=["a.png"], content="<image>\n<video>\nSame?")])
     (record,), _ = read_records(path)
@@ -106,23 +110,6 @@ def test_video_path_is_resolved_relative_to_the_file_and_kept_apart_from_images(
 def test_a_video_marker_is_added_before_the_first_user_turn_when_missing():
     record = normalise(video_record(content="What happens?", images=["a.png"]), __import__("pathlib").Path("/d"))
     assert record.conversations[0]["content"] == "<video>\n<image>\nWhat happens?"
-
-
-@pytest.mark.parametrize(
-    "raw, problem",
-    [
-        (video_record(content="<video><video>"), "2 <video> marker(s) but 1 video(s)"),
-        ({**video_record(), "video": None, "id": "x"}, "1 <video> marker(s) but 0 video(s)"),
-        (video_record(video=["a.mp4", "b.mp4"]), "field 'video' must be one non-empty path string"),
-        (video_record(video=""), "field 'video' must be one non-empty path string"),
-    ],
-)  # fmt: skip
-def test_bad_video_records_name_file_line_and_problem(tmp_path, raw, problem):
-    path = write_lines(tmp_path / "bad.jsonl", [raw])
-    with pytest.raises(DataError) as err:
-        read_records(path)
-    assert problem in str(err.value)
-    assert f"{path}:1" in str(err.value)
 
 
 def test_video_records_round_trip_with_a_relative_path(tmp_path):

@@ -73,13 +73,12 @@ class VLMProcessor(ProcessorMixin):
 
     def plans(self, images: list[Image.Image], max_slices: int | list | None = None) -> list[ImagePlan]:
         """Each image's plan; `max_slices` lowers the slice budget, for all images or per image (video frames)."""
-        budgets = max_slices if isinstance(max_slices, list) else [max_slices] * len(images)
-        return [self.image_processor.plan(image.size, budget) for image, budget in zip(images, budgets)]
+        return [self.image_processor.plan(image.size, budget) for image, budget in _per_image(images, max_slices)]
 
     def image_inputs(self, images: list[Image.Image], max_slices: int | list | None = None) -> dict:
         """`pixel_values` (and `crop_sizes` when crops differ in size) of all images' crops, in order."""
-        budgets = max_slices if isinstance(max_slices, list) else [max_slices] * len(images)
-        crops = [crop for image, budget in zip(images, budgets) for crop in self.image_processor.crops(image, budget)]
+        pairs = _per_image(images, max_slices)
+        crops = [crop for image, budget in pairs for crop in self.image_processor.crops(image, budget)]
         return batch_crops(crops) if crops else {}
 
     def encode_conversation(self, conversations: list[dict], images: list[Image.Image],
@@ -121,3 +120,8 @@ class VLMProcessor(ProcessorMixin):
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def _per_image(images: list, max_slices: int | list | None) -> list[tuple]:
+    """(image, slice budget) pairs: one budget for all, or a list with one per image."""
+    return list(zip(images, max_slices if isinstance(max_slices, list) else [max_slices] * len(images)))
