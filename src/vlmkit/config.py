@@ -56,6 +56,9 @@ class ModelConfig:
 class DataConfig:
     train: str | list | None = None  # JSONL of records, or a list of JSONLs to mix (ids must stay unique)
     eval: str | None = None  # JSONL of records, for the eval loss during training
+    # JSONL(s) whose text also trains a from-scratch tokenizer (not trained on): a first stage
+    # names its later stages' data here, so their words get tokens of their own.
+    tokenizer_data: str | list | None = None
     max_length: int = 1024  # longer samples are errors (or skipped with skip_bad), never truncated
     skip_bad: bool = False
     max_pixels: int = 64_000_000

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vlmkit.config import load_config
 from vlmkit.data.records import read_records
-from vlmkit.data.synth import synth
+from vlmkit.data.synth import DATA_VERSION, DEFAULT_SIZES, synth
 from vlmkit.eval.vqa import evaluate, write_results
 from vlmkit.serve.generation import load_for_inference
 from vlmkit.train.run import SUMMARY_FILE, run
@@ -34,11 +34,17 @@ def recipe(name: str) -> Path:
 
 def _ensure_data(data: Path, sizes: dict | None) -> None:
     info = data / "info.json"
-    if info.is_file() and (sizes is None or json.loads(info.read_text())["sizes"] == sizes):
+    written = json.loads(info.read_text()) if info.is_file() else {}
+    if written.get("version") == DATA_VERSION and written.get("sizes") == {**DEFAULT_SIZES, **(sizes or {})}:
         print(f"data: reusing {data}")
         return
     print(f"data: writing the built-in data set to {data}")
     synth(data, sizes=sizes)
+
+
+def _in_data_dir(splits: str | list, data: Path) -> list[str]:
+    """The recipes name split files only; they live in the demo's data directory."""
+    return [str(data / Path(split).name) for split in ([splits] if isinstance(splits, str) else splits)]
 
 
 def _train_stage(name: str, data: Path, out: Path, init_from: Path | None, quick: bool) -> dict:
@@ -46,8 +52,9 @@ def _train_stage(name: str, data: Path, out: Path, init_from: Path | None, quick
     overrides += [f"model.init_from={init_from}"] if init_from else []
     overrides += QUICK_OVERRIDES if quick else []
     cfg = load_config(recipe(f"demo-{name}"), overrides)
-    splits = [cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train
-    cfg.data.train = [str(data / Path(split).name) for split in splits]  # recipes name split files only
+    cfg.data.train = _in_data_dir(cfg.data.train, data)
+    if cfg.data.tokenizer_data:
+        cfg.data.tokenizer_data = _in_data_dir(cfg.data.tokenizer_data, data)
     run(cfg)
     return json.loads((out / SUMMARY_FILE).read_text())
 

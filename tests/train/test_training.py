@@ -6,6 +6,7 @@ and can carry extra callbacks.
 """
 
 import importlib
+import json
 import math
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from transformers import TrainerCallback
 from tests.conftest import tiny_model_config
 from vlmkit.config import STAGE_LEARNING_RATES, LearningRates, load_config
 from vlmkit.data.dataset import Collator, ConversationDataset
+from vlmkit.data.records import read_records
 from vlmkit.errors import ConfigError
 from vlmkit.processing.processor import IGNORE_INDEX
 from vlmkit.train.trainer import VLMTrainer, module_of
@@ -255,3 +257,26 @@ def test_align_stage_with_frozen_vision_trains_only_projector_and_lm(synth_dir, 
     assert not any(p.requires_grad for n, p in names.items() if module_of(n) == "vision")
     assert all(changed[k] for k in projector)
     assert any(changed[k] for k in lm)
+
+
+def test_tokenizer_data_gives_a_later_stages_words_and_the_roles_their_own_tokens(synth_dir, tmp_path):
+    """A first stage trains the tokenizer on `data.tokenizer_data` too (the demo's align stage
+    names the SFT questions), without training on those records."""
+    from vlmkit.config import RunConfig
+    from vlmkit.train.run import prepare_model
+
+    later = tmp_path / "later.jsonl"
+    record = {"images": [], "conversations": [{"role": "user", "content": "zanzibarquux?"},
+                                              {"role": "assistant", "content": "zanzibarquux"}]}  # fmt: skip
+    later.write_text("".join(json.dumps({"id": f"q{i}", **record}) + "\n" for i in range(200)))
+    records = read_records(synth_dir / "captions.jsonl")[0]
+
+    def tokenizer(**data):
+        cfg = RunConfig()
+        cfg.model, cfg.data.tokenizer_data = tiny_model_config(), data.get("tokenizer_data")
+        return prepare_model(cfg, records, None, log=quiet)[1].tokenizer
+
+    alone, with_later = tokenizer(), tokenizer(tokenizer_data=str(later))
+    assert len(alone.tokenize("zanzibarquux")) > 1
+    assert with_later.tokenize("zanzibarquux") == ["zanzibarquux"]
+    assert alone.tokenize("assistant") == ["assistant"], "the chat roles are in every turn"

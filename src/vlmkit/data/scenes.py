@@ -46,9 +46,6 @@ class Obj:
     def pair(self) -> tuple[str, str]:
         return (self.colour, self.shape)
 
-    def describe(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} at the {CELLS[self.cell]}"
-
 
 @dataclass
 class Scene:
@@ -116,28 +113,36 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
 
 
 def caption(scene: Scene) -> str:
-    """A full description: every object with size, colour, shape and cell, or the word and its colour."""
+    """A full description, cell by cell in reading order, each cell named before its object
+    ("at the top left, a large purple circle; at the bottom right, a small red cross."), or
+    the word and its colour."""
     if scene.word is not None:
         return f'the word "{scene.word}" written in {scene.word_colour}.'
-    parts = [o.describe() for o in sorted(scene.objects, key=lambda o: o.cell)]
-    if len(parts) == 1:
-        return parts[0] + "."
-    return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+    parts = [f"at the {CELLS[o.cell]}, a {o.size} {o.colour} {o.shape}" for o in sorted(scene.objects, key=lambda o: o.cell)]
+    return "; ".join(parts) + "."
 
 
 def fact_list(scene: Scene, rng: random.Random) -> str:
-    """A terse list of facts, each naming its object first ("square red small top left."), then
-    one count per a random shape and colour. Dense, one-hop supervision: for a model trained
-    from scratch it teaches which colour, size and place go with which shape much faster than
-    prose captions do (docs/design.md)."""
+    """Terse facts: every cell in reading order, named before its content ("top left: square red
+    small. top right: empty. ..."), then one count per a random shape and colour.
+
+    Naming the cell first is what lets a model trained from scratch get started: to write the
+    next fact it only has to look at the image token of a cell it has just been told, so the
+    vision tower is asked for each object's shape, colour and size long before the language
+    model can find an object by its content (docs/design.md). Shape and colour come in random
+    order, so neither is only ever predicted from the other."""
     if scene.word is not None:
         return f"text {scene.word} {scene.word_colour}."
-    objects = list(scene.objects)
-    rng.shuffle(objects)
-    facts = [f"{o.shape} {o.colour} {o.size} {CELLS[o.cell]}." if rng.random() < 0.5
-             else f"{o.colour} {o.shape} {o.size} {CELLS[o.cell]}." for o in objects]  # fmt: skip
+    by_cell = {o.cell: o for o in scene.objects}
+    facts = []
+    for cell, name in enumerate(CELLS):
+        o = by_cell.get(cell)
+        if o is None:
+            facts.append(f"{name}: empty.")
+        else:
+            first, second = (o.shape, o.colour) if rng.random() < 0.5 else (o.colour, o.shape)
+            facts.append(f"{name}: {first} {second} {o.size}.")
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     facts.append(f"{PLURALS[shape]} {scene.count(shape=shape)}. {colour} {scene.count(colour=colour)}. "
-                 f"total {len(objects)}.")  # fmt: skip
+                 f"total {len(scene.objects)}.")  # fmt: skip
     return " ".join(facts)
-

@@ -257,6 +257,9 @@ def write_split(out_dir: Path, split: str, n: int, seed: int, turns: int = 1, im
     return path
 
 
+# Bumped whenever the same (seed, split, index) would give other records, so that `make demo`
+# never trains on data an older generator wrote.
+DATA_VERSION = 2
 DEFAULT_SIZES = {"train": 24000, "captions": 12000, "val": 400, "test": 1600, "compositional": 700}
 
 
@@ -271,7 +274,7 @@ def synth(out_dir: Path, seed: int = 0, sizes: dict | None = None, turns: int = 
         if n > 0:
             paths[split] = write_split(out_dir, split, n, seed, turns if split == "train" else 1, image_size,
                                        workers, progress)  # fmt: skip
-    info = {"seed": seed, "image_size": image_size, "turns": turns, "sizes": sizes, "categories": CATEGORIES,
+    info = {"version": DATA_VERSION, "seed": seed, "image_size": image_size, "turns": turns, "sizes": sizes, "categories": CATEGORIES,
             "held_out_pairs": sorted(HELD_OUT_PAIRS)}  # fmt: skip
     (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     return paths

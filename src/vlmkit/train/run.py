@@ -71,8 +71,15 @@ def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> 
 
 
 def _texts(records) -> list[str]:
-    return [turn["content"].replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, "") for r in records
-            for turn in r.conversations]  # fmt: skip
+    """What a from-scratch tokenizer learns from: every turn, and its role (the chat template
+    writes "user" and "assistant" in every turn, so they deserve a token each)."""
+    return [text for r in records for turn in r.conversations
+            for text in (turn["role"], turn["content"].replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, ""))]  # fmt: skip
+
+
+def _tokenizer_texts(cfg: RunConfig, records) -> list[str]:
+    extra = read_record_files(cfg.data.tokenizer_data, cfg.data.skip_bad)[0] if cfg.data.tokenizer_data else []
+    return _texts(records) + _texts(extra)
 
 
 def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
@@ -81,7 +88,7 @@ def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
     Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
     """
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
-    built = build(cfg.model, training_texts=lambda: _texts(records), tokenizer=tokenizer)
+    built = build(cfg.model, training_texts=lambda: _tokenizer_texts(cfg, records), tokenizer=tokenizer)
     model, processor = built.model, built.processor
     rates = cfg.train.learning_rates(built.random_modules)
     if cfg.lora.enabled:

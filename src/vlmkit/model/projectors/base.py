@@ -60,19 +60,20 @@ def pad_crops(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 class GridPositions(nn.Module):
-    """Optional learned position embedding per output token (`pos_embed: true`).
+    """Optional learned position embedding per token (`pos_embed: true`), added to `dim`-wide features.
 
     Convolutional encoders say nothing about where a feature is, and an LM's rotary
     positions do not reach attention values, so "where is it?" needs this. The table is
     sized for the config's grid; a crop with another grid gets it bilinearly resized (the
     prefix rows are kept as they are), so row r, column c keeps meaning the same place.
+    It starts at unit scale, the scale of the layer-normalised features it is meant for.
     """
 
-    def __init__(self, grid: Grid, prefix: int, text_dim: int, enabled: bool):
+    def __init__(self, grid: Grid, prefix: int, dim: int, enabled: bool):
         super().__init__()
         self.grid, self.prefix = tuple(grid), prefix
         n_tokens = prefix + grid[0] * grid[1]
-        self.embedding = nn.Parameter(torch.zeros(n_tokens, text_dim)) if enabled else None
+        self.embedding = nn.Parameter(torch.randn(n_tokens, dim)) if enabled else None
 
     def table(self, grid: Grid) -> torch.Tensor:
         """The (prefix + h*w, text_dim) positions for one crop's grid."""

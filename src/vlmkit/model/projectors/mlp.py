@@ -12,22 +12,19 @@ from vlmkit.model.projectors.linear import TokenwiseProjector
 class MLPProjector(TokenwiseProjector):
     """Two linear layers with an activation between them (LLaVA-1.5, Basic-Visual-Language-Model).
 
-    Args: `hidden_size` (default: the LM's width), `act` (default "gelu"), `layernorm`
-    (a LayerNorm on the input; default off), `pos_embed` (learned grid positions; default off).
+    Args: `hidden_size` (default: the LM's width), `act` (default "gelu"), and the shared
+    `layernorm` and `pos_embed` (`TokenwiseProjector`).
     """
 
-    layernorm_default = False
-
     def __init__(self, vision_dim: int, text_dim: int, args: dict, grid: Grid, prefix: int):
-        super().__init__(grid, prefix, text_dim, args)
+        super().__init__(grid, prefix, vision_dim, args)
         hidden = args.get("hidden_size", text_dim)
-        self.norm = nn.LayerNorm(vision_dim) if args.get("layernorm", self.layernorm_default) else nn.Identity()
         self.linear_1 = nn.Linear(vision_dim, hidden)
         self.act = ACT2FN[args.get("act", "gelu")]
         self.linear_2 = nn.Linear(hidden, text_dim)
 
     def project(self, features):
-        return self.linear_2(self.act(self.linear_1(self.norm(features))))
+        return self.linear_2(self.act(self.linear_1(features)))
 
 
 class LayerNormMLPProjector(MLPProjector):

@@ -58,8 +58,10 @@ class PixelShuffleProjector(Projector):
             self.proj = nn.Sequential(nn.Linear(wide, hidden), act, nn.Linear(hidden, text_dim))
         else:  # no bias, as in nanoVLM and Idefics3
             self.proj = nn.Linear(wide, text_dim, bias=False)
-        self.norm = nn.LayerNorm(wide) if args.get("layernorm", False) else nn.Identity()
-        self.positions = GridPositions(shuffled_grid(grid, self.factor), 0, text_dim, args.get("pos_embed", False))
+        # Positions join the folded features after the norm, as in TokenwiseProjector (and why).
+        pos_embed = args.get("pos_embed", False)
+        self.norm = nn.LayerNorm(wide) if args.get("layernorm", pos_embed) else nn.Identity()
+        self.positions = GridPositions(shuffled_grid(grid, self.factor), 0, wide, pos_embed)
 
     @staticmethod
     def grid_multiple(args: dict) -> int:
@@ -80,4 +82,4 @@ class PixelShuffleProjector(Projector):
         else:  # crops of different grids: shuffle each on its own, then pad
             shuffled = pad_crops([pixel_shuffle(patches[i : i + 1, : h * w], (h, w), self.factor)[0]
                                   for i, (h, w) in enumerate(grids)])  # fmt: skip
-        return self.positions(self.proj(self.norm(shuffled)), out_grids)
+        return self.proj(self.positions(self.norm(shuffled), out_grids))
