@@ -25,7 +25,8 @@ from vlmkit.processing.image_processing import CLIP_MEAN, CLIP_STD, VLMImageProc
 from vlmkit.processing.processor import VLMProcessor
 from vlmkit.processing.tokenizer_training import IMAGE_TOKEN, adapt_pretrained_tokenizer, train_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is for exactness checks (equivalence tests), not for training.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # SigLIP's normalisation, also used from scratch
 
 
