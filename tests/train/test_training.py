@@ -139,7 +139,8 @@ def test_trainer_batch_4_equals_batch_2_with_2_accumulation_steps(synth_dir, tmp
     assert any(small.supervised[2 * s] != small.supervised[2 * s + 1] for s in range(3))
     # The summed micro-losses of a window are the big batch's loss.
     for step in range(3):
-        assert small.losses[2 * step] + small.losses[2 * step + 1] == pytest.approx(big.losses[step], rel=1e-5)  # the loss is computed in float32
+        # (the LM computes its loss in float32, hence the float32 tolerance)
+        assert small.losses[2 * step] + small.losses[2 * step + 1] == pytest.approx(big.losses[step], rel=1e-5)
 
     final_big, final_small = big.model.state_dict(), small.model.state_dict()
     assert _max_diff(final_big, big.initial_state) > 1e-3  # training moved the weights ...

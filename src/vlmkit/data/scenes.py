@@ -118,7 +118,8 @@ def caption(scene: Scene) -> str:
     the word and its colour."""
     if scene.word is not None:
         return f'the word "{scene.word}" written in {scene.word_colour}.'
-    parts = [f"at the {CELLS[o.cell]}, a {o.size} {o.colour} {o.shape}" for o in sorted(scene.objects, key=lambda o: o.cell)]
+    objects = sorted(scene.objects, key=lambda o: o.cell)
+    parts = [f"at the {CELLS[o.cell]}, a {o.size} {o.colour} {o.shape}" for o in objects]
     return "; ".join(parts) + "."
 
 

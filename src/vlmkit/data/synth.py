@@ -274,7 +274,7 @@ def synth(out_dir: Path, seed: int = 0, sizes: dict | None = None, turns: int = 
         if n > 0:
             paths[split] = write_split(out_dir, split, n, seed, turns if split == "train" else 1, image_size,
                                        workers, progress)  # fmt: skip
-    info = {"version": DATA_VERSION, "seed": seed, "image_size": image_size, "turns": turns, "sizes": sizes, "categories": CATEGORIES,
-            "held_out_pairs": sorted(HELD_OUT_PAIRS)}  # fmt: skip
+    info = {"version": DATA_VERSION, "seed": seed, "image_size": image_size, "turns": turns, "sizes": sizes,
+            "categories": CATEGORIES, "held_out_pairs": sorted(HELD_OUT_PAIRS)}  # fmt: skip
     (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     return paths

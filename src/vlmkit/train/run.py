@@ -73,8 +73,8 @@ def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> 
 def _texts(records) -> list[str]:
     """What a from-scratch tokenizer learns from: every turn, and its role (the chat template
     writes "user" and "assistant" in every turn, so they deserve a token each)."""
-    return [text for r in records for turn in r.conversations
-            for text in (turn["role"], turn["content"].replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, ""))]  # fmt: skip
+    strip = lambda text: text.replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, "")
+    return [text for r in records for turn in r.conversations for text in (turn["role"], strip(turn["content"]))]
 
 
 def _tokenizer_texts(cfg: RunConfig, records) -> list[str]:

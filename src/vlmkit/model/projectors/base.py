@@ -76,7 +76,7 @@ class GridPositions(nn.Module):
         self.embedding = nn.Parameter(torch.randn(n_tokens, dim)) if enabled else None
 
     def table(self, grid: Grid) -> torch.Tensor:
-        """The (prefix + h*w, text_dim) positions for one crop's grid."""
+        """The (prefix + h*w, dim) positions for one crop's grid."""
         if tuple(grid) == self.grid:
             return self.embedding
         prefix, patches = self.embedding[: self.prefix], self.embedding[self.prefix :]
