@@ -277,12 +277,12 @@ def test_tokenizer_data_gives_a_later_stages_words_and_the_roles_their_own_token
     later.write_text("".join(json.dumps({"id": f"q{i}", **record}) + "\n" for i in range(200)))
     records = read_records(synth_dir / "captions.jsonl")[0]
 
-    def tokenizer(**data):
+    def tokenizer(tokenizer_data):
         cfg = RunConfig()
-        cfg.model, cfg.data.tokenizer_data = tiny_model_config(), data.get("tokenizer_data")
+        cfg.model, cfg.data.tokenizer_data = tiny_model_config(), tokenizer_data
         return prepare_model(cfg, records, None, log=quiet)[1].tokenizer
 
-    alone, with_later = tokenizer(), tokenizer(tokenizer_data=str(later))
+    alone, with_later = tokenizer(None), tokenizer(str(later))
     assert len(alone.tokenize("zanzibarquux")) > 1
     assert with_later.tokenize("zanzibarquux") == ["zanzibarquux"]
     assert alone.tokenize("assistant") == ["assistant"], "the chat roles are in every turn"

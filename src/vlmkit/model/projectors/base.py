@@ -75,6 +75,14 @@ class GridPositions(nn.Module):
         n_tokens = prefix + grid[0] * grid[1]
         self.embedding = nn.Parameter(torch.randn(n_tokens, dim)) if enabled else None
 
+    @classmethod
+    def with_norm(cls, grid: Grid, prefix: int, dim: int, args: dict, layernorm_default: bool = False):
+        """(input norm, positions) as `args` ask: positions are added after a LayerNorm, which
+        `pos_embed` turns on unless `layernorm: false` says otherwise."""
+        pos_embed = args.get("pos_embed", False)
+        norm = nn.LayerNorm(dim) if args.get("layernorm", layernorm_default or pos_embed) else nn.Identity()
+        return norm, cls(grid, prefix, dim, pos_embed)
+
     def table(self, grid: Grid) -> torch.Tensor:
         """The (prefix + h*w, dim) positions for one crop's grid."""
         if tuple(grid) == self.grid:

@@ -26,10 +26,7 @@ class TokenwiseProjector(Projector):
     def __init__(self, grid: Grid, prefix: int, vision_dim: int, args: dict):
         super().__init__()
         self.prefix = prefix
-        pos_embed = args.get("pos_embed", False)
-        layernorm = args.get("layernorm", self.layernorm_default or pos_embed)
-        self.norm = nn.LayerNorm(vision_dim) if layernorm else nn.Identity()
-        self.positions = GridPositions(grid, prefix, vision_dim, pos_embed)
+        self.norm, self.positions = GridPositions.with_norm(grid, prefix, vision_dim, args, self.layernorm_default)
 
     @staticmethod
     def output_tokens(grid: Grid, prefix: int, args: dict) -> int:

@@ -59,9 +59,7 @@ class PixelShuffleProjector(Projector):
         else:  # no bias, as in nanoVLM and Idefics3
             self.proj = nn.Linear(wide, text_dim, bias=False)
         # Positions join the folded features after the norm, as in TokenwiseProjector (and why).
-        pos_embed = args.get("pos_embed", False)
-        self.norm = nn.LayerNorm(wide) if args.get("layernorm", pos_embed) else nn.Identity()
-        self.positions = GridPositions(shuffled_grid(grid, self.factor), 0, wide, pos_embed)
+        self.norm, self.positions = GridPositions.with_norm(shuffled_grid(grid, self.factor), 0, wide, args)
 
     @staticmethod
     def grid_multiple(args: dict) -> int:
