@@ -100,8 +100,8 @@ def test_synth_writes_every_split_with_readable_images(synth_dir):
 
 
 def test_captions_name_each_cell_before_what_is_in_it():
-    """Fact lists go through all four cells in reading order; prose names the cell before the
-    object. Both must agree with the scene (docs/design.md: why the cell comes first)."""
+    """Fact lists go through all four cells in reading order, each as shape, colour, size; prose
+    names the cell before the object. Both must agree with the scene (docs/design.md: why the cell comes first)."""
     seen = Counter()
     for index in range(200):
         record, (scene,) = make_record(0, "captions", index)
@@ -117,8 +117,8 @@ def test_captions_name_each_cell_before_what_is_in_it():
                 label, _, words = fact.partition(": ")
                 assert label == name
                 obj = by_cell.get(cell)
-                expected = {"empty"} if obj is None else {obj.shape, obj.colour, obj.size}
-                assert set(words.rstrip(".").split()) == expected, text
+                expected = ["empty"] if obj is None else [obj.shape, obj.colour, obj.size]  # shape first
+                assert words.rstrip(".").split() == expected, text
         else:
             seen["prose"] += 1
             parts = text.rstrip(".").split("; ")

@@ -130,19 +130,14 @@ def fact_list(scene: Scene, rng: random.Random) -> str:
     Naming the cell first is what lets a model trained from scratch get started: to write the
     next fact it only has to look at the image token of a cell it has just been told, so the
     vision tower is asked for each object's shape, colour and size long before the language
-    model can find an object by its content (docs/design.md). Shape and colour come in random
-    order, so neither is only ever predicted from the other."""
+    model can find an object by its content (docs/design.md). Shape comes first, where the
+    model's attention is already on the named cell: with shape and colour in random order it
+    bet on the easier colour there, and learnt shape at half the speed (docs/design.md)."""
     if scene.word is not None:
         return f"text {scene.word} {scene.word_colour}."
     by_cell = {o.cell: o for o in scene.objects}
-    facts = []
-    for cell, name in enumerate(CELLS):
-        o = by_cell.get(cell)
-        if o is None:
-            facts.append(f"{name}: empty.")
-        else:
-            first, second = (o.shape, o.colour) if rng.random() < 0.5 else (o.colour, o.shape)
-            facts.append(f"{name}: {first} {second} {o.size}.")
+    facts = [f"{name}: {by_cell[cell].shape} {by_cell[cell].colour} {by_cell[cell].size}." if cell in by_cell
+             else f"{name}: empty." for cell, name in enumerate(CELLS)]  # fmt: skip
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     facts.append(f"{PLURALS[shape]} {scene.count(shape=shape)}. {colour} {scene.count(colour=colour)}. "
                  f"total {len(scene.objects)}.")  # fmt: skip

@@ -259,7 +259,7 @@ def write_split(out_dir: Path, split: str, n: int, seed: int, turns: int = 1, im
 
 # Bumped whenever the same (seed, split, index) would give other records, so that `make demo`
 # never trains on data an older generator wrote.
-DATA_VERSION = 2
+DATA_VERSION = 3
 DEFAULT_SIZES = {"train": 24000, "captions": 12000, "val": 400, "test": 1600, "compositional": 700}
 
 
