@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -21,6 +24,17 @@ def test_records_are_a_pure_function_of_seed_split_and_index():
     assert render(scenes_a[0]).tobytes() == render(scenes_b[0]).tobytes()
     assert make_record(4, "train", 17, turns=4)[0] != a
 
+
+
+def test_records_do_not_depend_on_the_process_string_hash_seed():
+    """Two processes with different hash seeds (as two `make demo` runs get) write the same
+    records: iterating over a set of strings would give each process its own order."""
+    code = ("import json; from vlmkit.data.synth import make_record; "
+            "print(json.dumps([make_record(0, s, i, 5 if s == 'train' else 1)[0] "
+            "for s in ('train', 'test', 'compositional') for i in range(40)]))")  # fmt: skip
+    outputs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]  # fmt: skip
+    assert outputs[0] == outputs[1]
 
 @pytest.mark.parametrize("split", ["train", "captions", "val", "test"])
 def test_held_out_pairs_never_appear_in_non_compositional_scenes(split):

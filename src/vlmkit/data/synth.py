@@ -54,7 +54,9 @@ class _Maker:
         self.rng, self.targets, self.compositional = rng, sorted(targets), compositional
 
     def pick(self, options):
-        return self.rng.choice(list(options))
+        # A set iterates in an order that changes from process to process (string hashing is
+        # randomised), so the same seed would give other records: sets are sorted first.
+        return self.rng.choice(sorted(options) if isinstance(options, (set, frozenset)) else list(options))
 
     def obj(self, cell: int, accept=lambda shape, colour: True, pairs=TRAIN_PAIRS) -> Obj:
         options = [(c, s) for c, s in sorted(pairs) if accept(s, c)]
@@ -141,7 +143,7 @@ def _count_scene(maker: _Maker, colour: str, shape: str, n: int, by: str | None 
     # The first counted object uses the target pair; the rest are any counted training pairs.
     fixed = [(shape, colour, None)] if n else []
     for _ in range(n - 1):
-        c, s = maker.pick([p for p in TRAIN_PAIRS if is_counted(p[1], p[0])])
+        c, s = maker.pick(sorted(p for p in TRAIN_PAIRS if is_counted(p[1], p[0])))
         fixed.append((s, c, None))
     n_total = maker.rng.randint(max(n, 1), len(CELLS))
     scene = maker.scene(fixed, lambda s, c: not is_counted(s, c), n_total=n_total)
@@ -259,7 +261,7 @@ def write_split(out_dir: Path, split: str, n: int, seed: int, turns: int = 1, im
 
 # Bumped whenever the same (seed, split, index) would give other records, so that `make demo`
 # never trains on data an older generator wrote.
-DATA_VERSION = 3
+DATA_VERSION = 4
 DEFAULT_SIZES = {"train": 24000, "captions": 12000, "val": 400, "test": 1600, "compositional": 700}
 
 
