@@ -25,7 +25,6 @@ def test_records_are_a_pure_function_of_seed_split_and_index():
     assert make_record(4, "train", 17, turns=4)[0] != a
 
 
-
 def test_records_do_not_depend_on_the_process_string_hash_seed():
     """Two processes with different hash seeds (as two `make demo` runs get) write the same
     records: iterating over a set of strings would give each process its own order."""
@@ -35,6 +34,7 @@ def test_records_do_not_depend_on_the_process_string_hash_seed():
     outputs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]  # fmt: skip
     assert outputs[0] == outputs[1]
+
 
 @pytest.mark.parametrize("split", ["train", "captions", "val", "test"])
 def test_held_out_pairs_never_appear_in_non_compositional_scenes(split):
@@ -114,8 +114,9 @@ def test_synth_writes_every_split_with_readable_images(synth_dir):
 
 
 def test_captions_name_each_cell_before_what_is_in_it():
-    """Fact lists go through all four cells in reading order, each as shape, colour, size; prose
-    names the cell before the object. Both must agree with the scene (docs/design.md: why the cell comes first)."""
+    """Fact lists go through all four cells in reading order, each as shape, colour, size;
+    prose names the cell before the object. Both must agree with the scene (docs/design.md:
+    why the cell comes first)."""
     seen = Counter()
     for index in range(200):
         record, (scene,) = make_record(0, "captions", index)
