@@ -54,9 +54,7 @@ class _Maker:
         self.rng, self.targets, self.compositional = rng, sorted(targets), compositional
 
     def pick(self, options):
-        # A set iterates in an order that changes from process to process (string hashing is
-        # randomised), so the same seed would give other records: sets are sorted first.
-        return self.rng.choice(sorted(options) if isinstance(options, (set, frozenset)) else list(options))
+        return self.rng.choice(list(options))
 
     def obj(self, cell: int, accept=lambda shape, colour: True, pairs=TRAIN_PAIRS) -> Obj:
         options = [(c, s) for c, s in sorted(pairs) if accept(s, c)]
@@ -143,6 +141,8 @@ def _count_scene(maker: _Maker, colour: str, shape: str, n: int, by: str | None 
     # The first counted object uses the target pair; the rest are any counted training pairs.
     fixed = [(shape, colour, None)] if n else []
     for _ in range(n - 1):
+        # Sorted: a set of strings iterates in an order that changes from process to process
+        # (string hashing is randomised), so the same seed would give other records.
         c, s = maker.pick(sorted(p for p in TRAIN_PAIRS if is_counted(p[1], p[0])))
         fixed.append((s, c, None))
     n_total = maker.rng.randint(max(n, 1), len(CELLS))
