@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vlmkit.data.scenes import CELLS, COLOURS, SHAPES, render
-from vlmkit.data.synth import CATEGORIES, HELD_OUT_PAIRS, TRAIN_PAIRS, make_record, synth
+from vlmkit.data.synth import CATEGORIES, HELD_OUT_PAIRS, PHRASINGS, TRAIN_PAIRS, make_record, synth
 
 
 def test_each_colour_and_shape_stays_in_training_while_pairs_are_held_out():
@@ -100,6 +101,34 @@ def test_test_split_is_balanced_over_categories_and_answers():
     for category in ("colour", "shape", "position", "size", "existence", "compare"):
         top_share = answers[category].most_common(1)[0][1] / categories[category]
         assert top_share < 0.6, (category, answers[category])
+
+
+def _phrasing(question: str) -> tuple[str, int]:
+    for kind, templates in PHRASINGS.items():
+        for i, template in enumerate(templates):
+            if re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)), question):
+                return kind, i
+    raise AssertionError(f"no phrasing matches {question!r}")
+
+
+def test_training_turns_ask_in_both_phrasings_without_lopsided_answers():
+    """Every turn of a training record, not only the first, picks either phrasing, and its yes/no
+    and count answers are not mostly "no" and "0": the model would learn those priors instead
+    of looking at the image, and the test split asks each phrasing and answer equally often."""
+    phrasings, answers = Counter(), Counter()
+    for index in range(400):
+        record, _ = make_record(0, "train", index, turns=5)
+        turns = record["conversations"]
+        kinds = [_phrasing(q["content"].replace("<image>\n", "")) for q in turns[::2]]
+        assert len({kind for kind, _ in kinds}) == len(kinds), record["id"]  # one question of each kind
+        phrasings.update(kinds)
+        answers.update((kind, a["content"]) for (kind, _), a in zip(kinds, turns[1::2]) if kind in ("existence", "count"))
+    for kind in ("colour", "shape", "position", "size", "count", "existence"):
+        share = phrasings[kind, 1] / (phrasings[kind, 0] + phrasings[kind, 1])
+        assert 0.3 < share < 0.7, (kind, share)
+    assert 0.35 < answers["existence", "yes"] / (answers["existence", "yes"] + answers["existence", "no"]) < 0.65
+    counts = sum(n for (kind, _), n in answers.items() if kind == "count")
+    assert answers["count", "0"] / counts < 0.3, answers
 
 
 def test_synth_writes_every_split_with_readable_images(synth_dir):

@@ -37,6 +37,19 @@ HELD_OUT_PAIRS = frozenset(
 ALL_PAIRS = frozenset((c, s) for c in COLOURS for s in SHAPES)
 TRAIN_PAIRS = ALL_PAIRS - HELD_OUT_PAIRS
 FACTS_PROMPT = "List the objects."
+# Two phrasings of each kind of question. Every question, first turn or extra turn, picks one at
+# random, so the training turns ask in the test split's words, equally often. (Extra turns once
+# always used the first phrasing; the model then answered "What size is the circle?" with colours.)
+PHRASINGS = {
+    "colour": ("What colour is the {ref}?", "Which colour does the {ref} have?"),
+    "shape": ("What shape is the {colour} object?", "Which shape is {colour}?"),
+    "position": ("Where is the {ref}?", "In which corner is the {ref}?"),
+    "size": ("Is the {ref} small or large?", "What size is the {ref}?"),
+    "count": ("How many {noun} are there?", "Count the {noun}."),
+    "existence": ("Is there a {colour} {shape}?", "Does the image contain a {colour} {shape}?"),
+    "text": ("What does the text say?", "What word is written in the image?"),
+    "compare": ("Which image has more {noun}?", "Which of the two images shows more {noun}?"),
+}
 CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Give a short description of the image.")
 
 
@@ -69,8 +82,9 @@ class _Maker:
         objects += [self.obj(cell, accept_other) for cell in cells[len(fixed):]]
         return Scene(objects=objects, seed=self.rng.randrange(2**31))
 
-    def template(self, *options: str) -> str:
-        return self.pick(options)
+    def ask(self, kind: str, **fields: str) -> str:
+        """One of the question kind's phrasings, at random, filled in."""
+        return self.pick(PHRASINGS[kind]).format(**fields)
 
 
 def _ref(obj: Obj, by: str) -> str:
@@ -79,15 +93,15 @@ def _ref(obj: Obj, by: str) -> str:
 
 def make_question(maker: _Maker, category: str) -> tuple[list[Scene], QA]:
     """Build the scene(s) for one question of `category` about a pair from the maker's targets."""
-    rng, t = maker.rng, maker.template
+    rng, ask = maker.rng, maker.ask
     colour, shape = maker.pick(maker.targets)
     if category == "colour":
         scene = maker.scene([(shape, colour, None)], lambda s, c: s != shape)
-        q = t(f"What colour is the {shape}?", f"Which colour does the {shape} have?")
+        q = ask("colour", ref=shape)
         return [scene], QA(category, q, colour)
     if category == "shape":
         scene = maker.scene([(shape, colour, None)], lambda s, c: c != colour)
-        q = t(f"What shape is the {colour} object?", f"Which shape is {colour}?")
+        q = ask("shape", colour=colour)
         return [scene], QA(category, q, shape)
     if category in ("position", "size"):
         by = maker.pick(("shape", "colour"))
@@ -96,15 +110,15 @@ def make_question(maker: _Maker, category: str) -> tuple[list[Scene], QA]:
         target = scene.objects[0]
         ref = _ref(target, by)
         if category == "position":
-            q = t(f"Where is the {ref}?", f"In which corner is the {ref}?")
+            q = ask("position", ref=ref)
             return [scene], QA(category, q, CELLS[target.cell])
-        q = t(f"Is the {ref} small or large?", f"What size is the {ref}?")
+        q = ask("size", ref=ref)
         return [scene], QA(category, q, target.size)
     if category == "count":
         # Compositional questions must be about a held-out object, so count at least one of it.
         n = rng.randint(1 if maker.compositional else 0, len(CELLS))
         scenes, noun, n = _count_scene(maker, colour, shape, n, "shape" if maker.compositional else None)
-        q = t(f"How many {noun} are there?", f"Count the {noun}.")
+        q = ask("count", noun=noun)
         return scenes, QA(category, q, str(n))
     if category == "existence":
         present = rng.random() < 0.5
@@ -114,19 +128,19 @@ def make_question(maker: _Maker, category: str) -> tuple[list[Scene], QA]:
             near_colour, near_shape = maker.pick(
                 [(c, s) for c, s in sorted(TRAIN_PAIRS) if (c == colour) != (s == shape)])
             scene = maker.scene([(near_shape, near_colour, None)], lambda s, c: (c, s) != (colour, shape))
-        q = t(f"Is there a {colour} {shape}?", f"Does the image contain a {colour} {shape}?")
+        q = ask("existence", colour=colour, shape=shape)
         return [scene], QA(category, q, "yes" if present else "no")
     if category == "text":
         word_colour = maker.pick(COLOURS)
         scene = Scene(word=maker.pick(WORDS), word_colour=word_colour, seed=rng.randrange(2**31))
-        q = t("What does the text say?", "What word is written in the image?")
+        q = ask("text")
         return [scene], QA(category, q, scene.word)
     if category == "compare":
         n1, n2 = rng.sample(range(len(CELLS) + 1), 2)
         by = maker.pick(("shape", "colour"))
         first, noun, _ = _count_scene(maker, colour, shape, n1, by)
         second, _, _ = _count_scene(maker, colour, shape, n2, by)
-        q = t(f"Which image has more {noun}?", f"Which of the two images shows more {noun}?")
+        q = ask("compare", noun=noun)
         return first + second, QA(category, q, "first" if n1 > n2 else "second")
     raise ValueError(f"unknown category {category!r}")
 
@@ -152,10 +166,15 @@ def _count_scene(maker: _Maker, colour: str, shape: str, n: int, by: str | None 
 
 
 def scene_questions(maker: _Maker, scene: Scene) -> list[QA]:
-    """Every question the scene answers unambiguously (used for extra training turns)."""
+    """Every question the scene answers unambiguously (used for extra training turns).
+
+    Phrasings and answers follow the first turns' distribution where the scene allows: counts and
+    existence ask about an object in the scene half of the time (about a random one, most answers
+    would be "0" and "no", and the model would learn to say so), and a missing object shares its
+    colour or its shape with one that is there, as the first turns' hard negatives do."""
+    ask = maker.ask
     if scene.word is not None:
-        return [QA("text", "What does the text say?", scene.word),
-                QA("colour", "What colour is the text?", scene.word_colour)]  # fmt: skip
+        return [QA("text", ask("text"), scene.word), QA("colour", "What colour is the text?", scene.word_colour)]
     out = []
     for obj in scene.objects:
         for by, key in (("shape", "shape"), ("colour", "colour")):
@@ -163,19 +182,26 @@ def scene_questions(maker: _Maker, scene: Scene) -> list[QA]:
                 continue
             ref = _ref(obj, by)
             if by == "shape":
-                out.append(QA("colour", f"What colour is the {obj.shape}?", obj.colour))
+                out.append(QA("colour", ask("colour", ref=obj.shape), obj.colour))
             else:
-                out.append(QA("shape", f"What shape is the {obj.colour} object?", obj.shape))
-            out.append(QA("position", f"Where is the {ref}?", CELLS[obj.cell]))
-            out.append(QA("size", f"Is the {ref} small or large?", obj.size))
-    shape = maker.pick(SHAPES)
-    colour = maker.pick(COLOURS)
-    out.append(QA("count", f"How many {PLURALS[shape]} are there?", str(scene.count(shape=shape))))
-    out.append(QA("count", f"How many {colour} objects are there?", str(scene.count(colour=colour))))
-    out.append(QA("count", "How many objects are there?", str(len(scene.objects))))
-    c, s = maker.pick(sorted(TRAIN_PAIRS))
-    out.append(QA("existence", f"Is there a {c} {s}?", "yes" if scene.count(s, c) else "no"))
+                out.append(QA("shape", ask("shape", colour=obj.colour), obj.shape))
+            out.append(QA("position", ask("position", ref=ref), CELLS[obj.cell]))
+            out.append(QA("size", ask("size", ref=ref), obj.size))
+    shape = maker.pick(scene.objects).shape if maker.rng.random() < 0.5 else maker.pick(SHAPES)
+    colour = maker.pick(scene.objects).colour if maker.rng.random() < 0.5 else maker.pick(COLOURS)
+    out.append(QA("count", ask("count", noun=PLURALS[shape]), str(scene.count(shape=shape))))
+    out.append(QA("count", ask("count", noun=f"{colour} objects"), str(scene.count(colour=colour))))
+    out.append(QA("count", ask("count", noun="objects"), str(len(scene.objects))))
+    out.append(_existence_question(maker, scene))
     return out
+
+
+def _existence_question(maker: _Maker, scene: Scene) -> QA:
+    present = {(o.colour, o.shape) for o in scene.objects}
+    near = [(c, s) for c, s in sorted(TRAIN_PAIRS - present)
+            if any((c == pc) != (s == ps) for pc, ps in present)]  # fmt: skip
+    c, s = maker.pick(sorted(present)) if maker.rng.random() < 0.5 or not near else maker.pick(near)
+    return QA("existence", maker.ask("existence", colour=c, shape=s), "yes" if (c, s) in present else "no")
 
 
 def _image_refs(scenes, split: str, index: int) -> list[str]:
@@ -200,7 +226,8 @@ def make_record(seed: int, split: str, index: int, turns: int = 1) -> tuple[dict
         scenes, qa = make_question(maker, category)
         qas = [qa]
         if turns > 1 and category != "compare":
-            extra = [q for q in scene_questions(maker, scenes[0]) if q.question != qa.question]
+            # Other kinds of question than the first: the same one in other words would give its answer away.
+            extra = [q for q in scene_questions(maker, scenes[0]) if q.category != qa.category]
             by_category: dict[str, list[QA]] = {}
             for q in extra:
                 by_category.setdefault(q.category, []).append(q)
@@ -261,7 +288,7 @@ def write_split(out_dir: Path, split: str, n: int, seed: int, turns: int = 1, im
 
 # Bumped whenever the same (seed, split, index) would give other records, so that `make demo`
 # never trains on data an older generator wrote.
-DATA_VERSION = 4
+DATA_VERSION = 5
 DEFAULT_SIZES = {"train": 24000, "captions": 12000, "val": 400, "test": 1600, "compositional": 700}
 
 
