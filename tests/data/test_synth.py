@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vlmkit.data.scenes import CELLS, COLOURS, SHAPES, render
-from vlmkit.data.synth import CATEGORIES, HELD_OUT_PAIRS, PHRASINGS, TRAIN_PAIRS, make_record, synth
+from vlmkit.data.synth import CATEGORIES, HELD_OUT_PAIRS, PHRASINGS, TRAIN_PAIRS, make_record
 
 
 def test_each_colour_and_shape_stays_in_training_while_pairs_are_held_out():
@@ -122,7 +122,8 @@ def test_training_turns_ask_in_both_phrasings_without_lopsided_answers():
         kinds = [_phrasing(q["content"].replace("<image>\n", "")) for q in turns[::2]]
         assert len({kind for kind, _ in kinds}) == len(kinds), record["id"]  # one question of each kind
         phrasings.update(kinds)
-        answers.update((kind, a["content"]) for (kind, _), a in zip(kinds, turns[1::2]) if kind in ("existence", "count"))
+        answers.update((kind, a["content"]) for (kind, _), a in zip(kinds, turns[1::2])
+                       if kind in ("existence", "count"))  # fmt: skip
     for kind in ("colour", "shape", "position", "size", "count", "existence"):
         share = phrasings[kind, 1] / (phrasings[kind, 0] + phrasings[kind, 1])
         assert 0.3 < share < 0.7, (kind, share)
