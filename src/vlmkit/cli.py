@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     preferences.add_argument("--seed", type=int, default=0)
     preferences.set_defaults(func=_data_preferences)
 
-    for name, description in (("train", "train a VLM (one stage: align, sft or dpo)"),
+    for name, description in (("train", "train a VLM (one stage: vision, align, sft or dpo)"),
                               ("dpo", "preference-tune a VLM with DPO (train with train.stage=dpo)")):  # fmt: skip
         train = commands.add_parser(name, help=description)
         train.add_argument("config", nargs="?", help="YAML config or recipe name (recipes/minicpm-v); without it "
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(func=_export)
 
-    demo = commands.add_parser("demo", help="the main job: data, align + SFT from scratch, eval, report")
+    demo = commands.add_parser("demo", help="the main job: data, vision + align + SFT from scratch, eval, report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data/synth")
     demo.add_argument("--quick", action="store_true", help="a much smaller run, to check the pipeline")

@@ -79,6 +79,7 @@ class LearningRates:
 
 
 STAGE_LEARNING_RATES = {
+    "vision": LearningRates(vision=1e-4, projector=0.0, lm=0.0),  # the encoder alone, on caption tags
     "align": LearningRates(vision=0.0, projector=1e-3, lm=0.0),  # projector only
     "sft": LearningRates(vision=0.0, projector=2e-5, lm=2e-5),  # projector + LM; vision optional
     "dpo": LearningRates(vision=0.0, projector=1e-6, lm=1e-6),  # preference tuning moves an SFT model gently

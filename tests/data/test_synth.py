@@ -148,7 +148,7 @@ def test_captions_name_each_cell_before_what_is_in_it():
     prose names the cell before the object. Both must agree with the scene (docs/design.md:
     why the cell comes first)."""
     seen = Counter()
-    for index in range(200):
+    for index in range(400):  # half the captions are of a word
         record, (scene,) = make_record(0, "captions", index)
         text = record["conversations"][1]["content"]
         if scene.word is not None:

@@ -136,6 +136,17 @@ def test_bad_projector_arguments_raise_config_errors():
         _projector("linear", (), 0)(torch.zeros(1, 4, VISION_DIM), [(2, 3)])
 
 
+def test_an_argument_the_projector_does_not_read_is_refused(train_records):
+    # YAML's `{factor:2}` (no space) is a key "factor:2" with no value: it once built a model silently.
+    from tests.conftest import tiny_model_config
+    from vlmkit.model.build import build
+    from vlmkit.train.run import _texts
+
+    cfg = tiny_model_config(projector="pixel_shuffle", projector_args={"factor:2": None, "pos_embed": True})
+    with pytest.raises(ConfigError, match=r"\['factor:2'\] mean nothing to the pixel_shuffle projector; it reads"):
+        build(cfg, training_texts=lambda: _texts(train_records))
+
+
 def test_linear_and_mlp_keep_their_parameter_names_and_positions():
     """Saved checkpoints of the first two projectors must keep loading, with the same outputs."""
     names = {n for n, _ in projector_class("linear")(4, 6, {}, (2, 2), 1).named_parameters()}

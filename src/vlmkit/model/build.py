@@ -77,7 +77,9 @@ def _attention(cfg: ModelConfig, vision_config) -> dict:
     return {} if vision.is_cnn(vision_config) else {"attn_implementation": cfg.attn_implementation}
 
 
-def _image_processor(cfg: ModelConfig, config: VLMConfig) -> VLMImageProcessor:
+def tower_image_processor(cfg: ModelConfig, config, multiple: int | None = None) -> VLMImageProcessor:
+    """The image processor for the tower of `config` (a VLMConfig, or anything with its `vision_config`
+    and `image_size`): a saved tower's own normalisation, else CLIP's for CLIP, else SigLIP's."""
     vision_config = config.vision_config
     mean, std = HALF_MEAN_STD
     if cfg.vision:
@@ -87,12 +89,19 @@ def _image_processor(cfg: ModelConfig, config: VLMConfig) -> VLMImageProcessor:
             mean, std = data.get("image_mean", mean), data.get("image_std", std)
         elif vision_config.model_type == "clip_vision_model":
             mean, std = CLIP_MEAN, CLIP_STD
-    # Slices must cut into whole patches, and into whole groups of them for a pixel shuffle.
-    multiple = vision.stride(vision_config) * grid_multiple(image_token_spec(config))
     # ViT towers interpolate their position embeddings for a crop_size other than their own (MiniCPM-V's 448).
     return VLMImageProcessor(size=cfg.crop_size or vision.input_size(config), image_mean=mean, image_std=std,
                              resize_mode=cfg.image_resize_mode, slicing=cfg.slicing, max_slices=cfg.max_slices,
-                             multiple=multiple)  # fmt: skip
+                             multiple=multiple or vision.stride(vision_config))  # fmt: skip
+
+
+def build_vision_tower(cfg: ModelConfig) -> tuple[torch.nn.Module, bool]:
+    """The vision tower of `cfg`, from its checkpoint or with random weights; and whether it is random."""
+    if cfg.vision:
+        return load_vision_tower(cfg.vision, cfg), False
+    vision_config = _config_from_dict(cfg.vision_config, "vision_config")
+    vision.check_supported(vision_config)
+    return AutoModel.from_config(vision_config, dtype=_dtype(cfg.dtype), **_attention(cfg, vision_config)), True
 
 
 def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None = None, tokenizer=None) -> Built:
@@ -113,12 +122,8 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
         return Built(model, VLMProcessor.from_pretrained(directory), frozenset())
 
     dtype, random = _dtype(cfg.dtype), {"projector"}
-    if cfg.vision:
-        tower = load_vision_tower(cfg.vision, cfg)
-    else:
-        vision_config = _config_from_dict(cfg.vision_config, "vision_config")
-        vision.check_supported(vision_config)
-        tower = AutoModel.from_config(vision_config, dtype=dtype, **_attention(cfg, vision_config))
+    tower, random_tower = build_vision_tower(cfg)
+    if random_tower:
         random.add("vision")
 
     if cfg.lm:
@@ -149,5 +154,8 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
     model = VLMForConditionalGeneration(config, vision_tower=tower, language_model=lm).to(dtype)
     # The placeholder token must never be generated: it would ask for image features that don't exist.
     model.generation_config = GenerationConfig(**special, suppress_tokens=[config.image_token_id])
-    processor = VLMProcessor(_image_processor(cfg, config), tokenizer, image_token_spec=image_token_spec(config))
+    # Slices must cut into whole patches, and into whole groups of them for a pixel shuffle.
+    multiple = vision.stride(config.vision_config) * grid_multiple(image_token_spec(config))
+    processor = VLMProcessor(tower_image_processor(cfg, config, multiple), tokenizer,
+                             image_token_spec=image_token_spec(config))
     return Built(model, processor, frozenset(random))

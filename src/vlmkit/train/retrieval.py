@@ -33,7 +33,7 @@ from vlmkit.model.retriever import (
 from vlmkit.processing.processor import VLMProcessor
 from vlmkit.train.contrastive import RetrieverTrainer
 from vlmkit.train.progress import ProgressBar
-from vlmkit.train.run import training_arguments
+from vlmkit.train.trainer import training_arguments
 from vlmkit.train.trainer import apply_learning_rates
 
 CONFIG_FILE = "vlmkit_retriever.yaml"

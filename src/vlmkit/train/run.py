@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, ProgressCallback, TrainingArguments, set_seed
+from transformers import AutoTokenizer, ProgressCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import LearningRates, RunConfig, to_yaml
@@ -22,52 +22,11 @@ from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
 from vlmkit.train import distributed, lora
 from vlmkit.train.progress import ProgressBar
-from vlmkit.train.trainer import VLMTrainer, apply_learning_rates
+from vlmkit.train.trainer import VLMTrainer, apply_learning_rates, training_arguments
+from vlmkit.train.vision_tags import run_vision_stage
 
 CONFIG_FILE = "vlmkit_run.yaml"
 SUMMARY_FILE = "train_summary.json"
-
-
-def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> TrainingArguments:
-    t = cfg.train
-    eval_every = t.eval_steps if t.eval_steps > 0 else None
-    return TrainingArguments(
-        output_dir=t.output_dir,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=max(vars(rates).values()),  # nominal: each module's group carries its own rate
-        weight_decay=t.weight_decay,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup,
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy=("steps" if eval_every else "no") if has_eval else "no",
-        eval_steps=eval_every,
-        bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        report_to=t.report_to,
-        dataloader_num_workers=cfg.data.num_workers,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="all" if t.packing else "non_padding",  # packed: no mask to count by
-        disable_tqdm=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        torch_compile=t.torch_compile,
-        use_cpu=distributed.multi_process_cpu(),
-        # A text-only batch leaves the vision tower and projector without gradients on its process; DDP
-        # must be told, or it waits for them (the Trainer's default stops telling it under checkpointing).
-        ddp_find_unused_parameters=True,
-        fsdp=t.fsdp,
-        fsdp_config=t.fsdp_config or None,
-        deepspeed=t.deepspeed,
-    )
 
 
 def _texts(records) -> list[str]:
@@ -103,6 +62,8 @@ def run(cfg: RunConfig, log=print) -> Path:
     """Train one stage as configured; returns the directory of the saved model."""
     if not cfg.data.train:
         raise ConfigError("no training data: give --train-data or data.train")
+    if cfg.train.stage == "vision":
+        return run_vision_stage(cfg, log)
     if cfg.train.stage == "dpo":
         raise ConfigError("train.stage=dpo trains on preference records: run `vlmkit dpo` (vlmkit.train.dpo_run)")
     out = Path(cfg.train.output_dir)

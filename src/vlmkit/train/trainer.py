@@ -1,4 +1,5 @@
-"""`VLMTrainer`: transformers' Trainer with one learning rate per module (vision, projector, LM).
+"""`VLMTrainer`: transformers' Trainer with one learning rate per module (vision, projector, LM),
+and the Trainer's arguments from a run configuration.
 
 Everything else -- DDP/FSDP/DeepSpeed, gradient accumulation with the loss normalised by the
 supervised tokens of the whole window (`num_items_in_batch`), mixed precision, checkpoints
@@ -9,14 +10,58 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
-from vlmkit.config import LearningRates
+from vlmkit.config import LearningRates, RunConfig
 from vlmkit.errors import ConfigError
+from vlmkit.train import distributed
 
 # Config name -> attribute of VLMForConditionalGeneration (also found under PEFT's wrappers).
 MODULES = {"vision": "vision_tower", "projector": "projector", "lm": "language_model"}
+
+
+def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> TrainingArguments:
+    t = cfg.train
+    eval_every = t.eval_steps if t.eval_steps > 0 else None
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=max(vars(rates).values()),  # nominal: each module's group carries its own rate
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup,
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy=("steps" if eval_every else "no") if has_eval else "no",
+        eval_steps=eval_every,
+        bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        report_to=t.report_to,
+        dataloader_num_workers=cfg.data.num_workers,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="all" if t.packing else "non_padding",  # packed: no mask to count by
+        disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        torch_compile=t.torch_compile,
+        use_cpu=distributed.multi_process_cpu(),
+        # A text-only batch leaves the vision tower and projector without gradients on its process; DDP
+        # must be told, or it waits for them (the Trainer's default stops telling it under checkpointing).
+        ddp_find_unused_parameters=True,
+        fsdp=t.fsdp,
+        fsdp_config=t.fsdp_config or None,
+        deepspeed=t.deepspeed,
+    )
 
 
 def module_of(parameter_name: str) -> str | None:

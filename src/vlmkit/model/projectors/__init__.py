@@ -41,6 +41,10 @@ def build_projector(config) -> nn.Module:
     from vlmkit.model import vision
 
     cls = projector_class(config.projector_type)
+    unknown = set(config.projector_args) - cls.ARGS
+    if unknown:
+        raise ConfigError(f"projector_args {sorted(unknown)} mean nothing to the {config.projector_type} projector; "
+                          f"it reads {sorted(cls.ARGS) or 'none'} (YAML needs a space: `key: value`)")  # fmt: skip
     grid = vision.patch_grid(config)
     prefix = vision.prefix_tokens(config.vision_config, config.vision_feature_select_strategy)
     return cls(vision.feature_size(config.vision_config), config.text_config.hidden_size, config.projector_args,

@@ -23,6 +23,8 @@ Grid = tuple[int, int]
 class Projector(nn.Module):
     """Base class: subclasses define `output_tokens` and may narrow `grid_multiple`."""
 
+    ARGS: frozenset[str] = frozenset()  # the projector_args keys it reads; any other is a typo
+
     @staticmethod
     def output_tokens(grid: Grid, prefix: int, args: dict) -> int:
         """Tokens one crop with an h x w patch grid (plus `prefix` tokens) becomes."""

@@ -21,6 +21,8 @@ class TokenwiseProjector(Projector):
     stayed near 0.25, and the LM could not tell the cells apart (docs/design.md).
     """
 
+    ARGS = frozenset({"pos_embed", "layernorm"})
+
     layernorm_default = False
 
     def __init__(self, grid: Grid, prefix: int, vision_dim: int, args: dict):

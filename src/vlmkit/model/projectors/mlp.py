@@ -16,6 +16,8 @@ class MLPProjector(TokenwiseProjector):
     `layernorm` and `pos_embed` (`TokenwiseProjector`).
     """
 
+    ARGS = TokenwiseProjector.ARGS | {"hidden_size", "act"}
+
     def __init__(self, vision_dim: int, text_dim: int, args: dict, grid: Grid, prefix: int):
         super().__init__(grid, prefix, vision_dim, args)
         hidden = args.get("hidden_size", text_dim)

@@ -49,6 +49,8 @@ class PixelShuffleProjector(Projector):
     features first, as MiniMind-V's SigLIP2 projector does), `pos_embed` (learned positions).
     """
 
+    ARGS = frozenset({"factor", "hidden_size", "act", "pos_embed", "layernorm"})
+
     def __init__(self, vision_dim: int, text_dim: int, args: dict, grid: Grid, prefix: int):
         super().__init__()
         self.prefix, self.factor = prefix, shuffle_factor(args)

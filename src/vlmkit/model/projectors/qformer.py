@@ -26,6 +26,9 @@ class QFormerProjector(Projector):
     like the patches, as in BLIP-2; the feature select strategy decides whether any come.
     """
 
+    ARGS = frozenset({"hidden_size", "dropout", "depth", "heads", "intermediate_size", "cross_attention_frequency",
+                      "num_queries"})
+
     def __init__(self, vision_dim: int, text_dim: int, args: dict, grid: Grid, prefix: int):
         super().__init__()
         self.prefix = prefix

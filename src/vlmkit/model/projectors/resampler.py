@@ -52,6 +52,8 @@ class ResamplerProjector(Projector):
     (CLS) tokens are dropped: they have no place on the grid.
     """
 
+    ARGS = frozenset({"heads", "num_queries"})
+
     def __init__(self, vision_dim: int, text_dim: int, args: dict, grid: Grid, prefix: int):
         super().__init__()
         if text_dim % 4:

@@ -1,0 +1,165 @@
+"""`train.stage: vision`: pre-train a vision encoder on its captions' words, before any LM sees it.
+
+A pretrained CLIP or SigLIP tower comes with features worth reading. A tower trained from
+random weights inside a VLM does not: it learns only from what the language model's attention
+passes back, a weak signal while that attention is itself still forming (docs/design.md).
+This stage gives the tower a direct one, from the same image-caption records the align stage
+uses: every output token scores every word of the caption vocabulary, and a log-sum-exp over
+the tokens pools the scores into one logit per word, trained to say which words the caption
+uses (multi-label, as in tagging pre-training). The log-sum-exp is a smooth maximum: one token
+is enough to claim an object, while a word that spans several tokens adds up their evidence.
+
+Hand-written because no maintained library trains a transformers vision model on caption tags.
+The trained encoder is saved as a plain transformers checkpoint with its image normalisation,
+so that `model.vision=DIR` composes it with any LM (the tag head is kept beside it, unused).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+from transformers import ProgressCallback, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmkit.config import LearningRates, RunConfig, to_yaml
+from vlmkit.data.records import Record, read_record_files
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.model import vision
+from vlmkit.model.build import HALF_MEAN_STD, build_vision_tower, tower_image_processor
+from vlmkit.processing.images import open_image
+from vlmkit.train.progress import ProgressBar
+from vlmkit.train.trainer import training_arguments
+
+TAGS_FILE = "tags.json"
+HEAD_FILE = "tag_head.safetensors"
+SUMMARY_FILE = "train_summary.json"
+MIN_TAG_COUNT = 3  # rarer words teach nothing general and only add outputs
+MAX_POSITIVE_WEIGHT = 100.0
+WORD = re.compile(r"[a-z0-9]+")
+
+
+def caption_words(record: Record) -> set[str]:
+    """The words of a record's assistant turns, lower-cased."""
+    answers = [turn["content"].lower() for turn in record.conversations if turn["role"] == "assistant"]
+    return {word for text in answers for word in WORD.findall(text)}
+
+
+def tag_vocabulary(records: list[Record]) -> tuple[list[str], torch.Tensor]:
+    """The tags (words in at least MIN_TAG_COUNT captions) and the weight of each one's positives.
+
+    The weight balances a tag's positives against its negatives (capped): a word in 0.5% of the
+    captions would otherwise pass the tower a gradient too small to learn it in the time that
+    colours, in half the captions, take.
+    """
+    counts = Counter(word for record in records for word in caption_words(record))
+    vocabulary = sorted(word for word, n in counts.items() if n >= MIN_TAG_COUNT)
+    if not vocabulary:
+        raise DataError(f"no word occurs in {MIN_TAG_COUNT} or more captions; the vision stage needs "
+                        "image-caption records (one image and its description each)")  # fmt: skip
+    positives = torch.tensor([counts[word] for word in vocabulary], dtype=torch.float32)
+    return vocabulary, ((len(records) - positives) / positives).clamp(1.0, MAX_POSITIVE_WEIGHT)
+
+
+class TagDataset(Dataset):
+    """One image and the multi-hot vector of its caption's words per item."""
+
+    def __init__(self, records: list[Record], vocabulary: list[str], image_processor, max_pixels: int):
+        self.index = {word: i for i, word in enumerate(vocabulary)}
+        self.image_processor, self.max_pixels = image_processor, max_pixels
+        for record in records:
+            if len(record.images) != 1:
+                raise record.error(f"the vision stage takes one image per caption record, not {len(record.images)}")
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        try:
+            image = open_image(record.images[0], max_pixels=self.max_pixels)
+        except DataError as err:
+            raise record.error(str(err)) from None
+        tags = torch.zeros(len(self.index))
+        for word in caption_words(record):
+            if word in self.index:
+                tags[self.index[word]] = 1.0
+        return {"pixel_values": self.image_processor([image])["pixel_values"][0], "tags": tags}
+
+
+class TowerTagger(nn.Module):
+    """A vision tower plus one linear tag scorer per output token, pooled by log-sum-exp."""
+
+    def __init__(self, tower: nn.Module, encode_config, n_tags: int, positive_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.tower, self.encode_config = tower, encode_config
+        self.head = nn.Linear(vision.feature_size(tower.config), n_tags)
+        self.register_buffer("positive_weight", positive_weight, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, tags: torch.Tensor | None = None) -> dict:
+        tokens = vision.encode(self.tower, self.encode_config, pixel_values)  # (images, tokens, width)
+        logits = torch.logsumexp(self.head(tokens), dim=1)
+        out = {"logits": logits}
+        if tags is not None:
+            out["loss"] = F.binary_cross_entropy_with_logits(logits, tags, pos_weight=self.positive_weight)
+        return out
+
+
+def run_vision_stage(cfg: RunConfig, log=print) -> Path:
+    """Train the tower on caption tags; save it where `model.vision` can load it."""
+    if cfg.model.init_from or cfg.model.lm:
+        raise ConfigError("train.stage=vision trains a vision encoder alone: leave model.init_from and model.lm "
+                          "unset (give model.vision_config, or model.vision to go on from a checkpoint)")  # fmt: skip
+    out = Path(cfg.train.output_dir)
+    log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
+    records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)
+    tower, random = build_vision_tower(cfg.model)
+    encode_config = SimpleNamespace(vision_config=tower.config, vision_feature_layer=cfg.model.vision_feature_layer,
+                                    image_size=cfg.model.image_size)  # fmt: skip
+    vocabulary, positive_weight = tag_vocabulary(records)
+    model = TowerTagger(tower, encode_config, len(vocabulary), positive_weight)
+    lr = cfg.train.learning_rates(frozenset({"vision"} if random else ())).vision
+    if not lr:
+        raise ConfigError("train.lr.vision is 0 in the vision stage: nothing would train")
+    args = training_arguments(cfg, LearningRates(vision=lr, projector=0.0, lm=0.0), False)
+    args.include_num_input_tokens_seen = "no"  # images, not tokens
+    dataset = TagDataset(records, vocabulary, tower_image_processor(cfg.model, encode_config), cfg.data.max_pixels)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+    log(f"vision stage: {len(dataset)} images, {len(vocabulary)} tags, learning rate {lr}")
+
+    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - start
+    if trainer.is_world_process_zero():
+        save_tower(trainer.model, vocabulary, out)
+        (out / "vlmkit_run.yaml").write_text(to_yaml(cfg))
+        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "n_train": len(dataset),
+                   "skipped_records": len(bad_lines), "n_params": sum(p.numel() for p in tower.parameters()),
+                   "n_tags": len(vocabulary), "metrics": dict(result.metrics)}  # fmt: skip
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        log(f"saved the vision encoder to {out} ({summary['steps']} steps in {train_seconds:.0f}s)")
+    return out
+
+
+def save_tower(model: TowerTagger, vocabulary: list[str], out: Path) -> None:
+    """The tower as a transformers checkpoint, its image normalisation, and the tag head beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.tower.save_pretrained(out)  # safetensors
+    mean, std = HALF_MEAN_STD
+    size = vision.input_size(model.encode_config)
+    (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std, "size": size}))
+    (out / TAGS_FILE).write_text(json.dumps(vocabulary))
+    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))

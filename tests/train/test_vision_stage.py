@@ -1,0 +1,98 @@
+"""The vision stage: a tower pre-trained on caption word tags, then composed into a VLM."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import TEST_TEXT
+from vlmkit.config import ModelConfig, load_config
+from vlmkit.data.records import Record, normalise
+from vlmkit.errors import ConfigError, DataError
+from vlmkit.model.build import build, build_vision_tower, tower_image_processor
+from vlmkit.train.run import run
+from vlmkit.train.vision_tags import HEAD_FILE, TAGS_FILE, TagDataset, TowerTagger, caption_words, tag_vocabulary
+
+TEST_REGNET = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [16, 32], "depths": [1, 1],
+               "groups_width": 8, "layer_type": "y"}  # fmt: skip
+
+
+def _config(synth_dir, out, *overrides):
+    return load_config(None, ["train.stage=vision", "train.report_to=[]", "train.batch_size=4", "train.warmup=0",
+                              f"data.train={synth_dir / 'captions.jsonl'}", f"train.output_dir={out}",
+                              "model.image_size=32", *overrides])  # fmt: skip
+
+
+def _tagger_loss(directory, synth_dir) -> float:
+    """Mean tag loss over the caption images of a tower saved by the vision stage (with its head)."""
+    from types import SimpleNamespace
+
+    from vlmkit.data.records import read_records
+
+    cfg = ModelConfig(vision=str(directory), image_size=32)
+    tower, _ = build_vision_tower(cfg)
+    encode_config = SimpleNamespace(vision_config=tower.config, vision_feature_layer=-1, image_size=32)
+    vocabulary = json.loads((directory / TAGS_FILE).read_text())  # the loss below leaves out positive weights
+    tagger = TowerTagger(tower, encode_config, len(vocabulary))
+    tagger.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+    records, _ = read_records(synth_dir / "captions.jsonl")
+    dataset = TagDataset(records, vocabulary, tower_image_processor(cfg, encode_config), 10**8)
+    batch = [dataset[i] for i in range(len(dataset))]
+    with torch.no_grad():
+        out = tagger(torch.stack([b["pixel_values"] for b in batch]), torch.stack([b["tags"] for b in batch]))
+    return out["loss"].item()
+
+
+def test_tags_are_the_assistant_words_seen_often_enough():
+    record = Record(id="a", images=["x.png"], conversations=[
+        {"role": "user", "content": "<image>\nDescribe the square."},
+        {"role": "assistant", "content": "A red Square, top left."}])  # fmt: skip
+    assert caption_words(record) == {"a", "red", "square", "top", "left"}
+    other = Record(id="b", images=["y.png"], conversations=[
+        {"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "red circle"}])  # fmt: skip
+    vocabulary, positive_weight = tag_vocabulary([record, other, other, other])
+    assert vocabulary == ["circle", "red"]  # "square" is in 1 caption of 4
+    # Positives weigh as much as the negatives they are outnumbered by, and never less than one.
+    assert positive_weight.tolist() == [1.0, 1.0]
+    blue = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "blue"}]
+    many = [other] * 3 + [Record(id=str(i), images=["z.png"], conversations=blue) for i in range(9)]
+    vocabulary, positive_weight = tag_vocabulary(many)
+    assert vocabulary == ["blue", "circle", "red"] and positive_weight.tolist() == [1.0, 3.0, 3.0]
+    with pytest.raises(DataError, match="no word occurs"):
+        tag_vocabulary([record])
+
+
+def test_vision_stage_learns_tags_and_composes_into_a_vlm(synth_dir, tmp_path):
+    torch.manual_seed(0)
+    untrained = tmp_path / "untrained"
+    run(_config(synth_dir, untrained, "train.max_steps=1", "train.lr.vision=1e-9",
+                *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]))  # fmt: skip
+    trained = tmp_path / "trained"
+    run(_config(synth_dir, trained, "train.max_steps=60", "train.lr.vision=3e-3",
+                *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]))  # fmt: skip
+    assert _tagger_loss(trained, synth_dir) < 0.7 * _tagger_loss(untrained, synth_dir)
+
+    # The saved tower is a transformers checkpoint: model.vision composes it with a from-scratch LM, unchanged.
+    cfg = ModelConfig(vision=str(trained), image_size=32, text_config=dict(TEST_TEXT), vocab_size=400)
+    texts = ["red circle", "blue square"] * 20
+    built = build(cfg, training_texts=lambda: texts)
+    assert "vision" not in built.random_modules
+    saved = load_file(str(trained / "model.safetensors"))
+    for name, value in built.model.vision_tower.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert built.processor.image_processor.image_mean == [0.5, 0.5, 0.5]
+
+
+def test_vision_stage_refuses_records_with_several_images(synth_dir, tmp_path):
+    two = normalise({"id": "pair", "images": ["a.png", "b.png"], "conversations": [
+        {"role": "user", "content": "<image><image>\nDescribe."}, {"role": "assistant", "content": "red"}]},
+        tmp_path, tmp_path / "c.jsonl", 7)  # fmt: skip
+    with pytest.raises(DataError, match=r"c\.jsonl.*7|7.*c\.jsonl") as err:
+        TagDataset([two], ["red"], None, 10**8)
+    assert "one image per caption record" in str(err.value)
+
+
+def test_vision_stage_needs_no_language_model(synth_dir, tmp_path):
+    with pytest.raises(ConfigError, match="vision encoder alone"):
+        run(_config(synth_dir, tmp_path / "x", "model.init_from=somewhere"))
