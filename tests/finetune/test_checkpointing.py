@@ -6,7 +6,7 @@ import transformers.modeling_utils
 
 from tests.finetune.helpers import make_config
 from vlmkit.data.dataset import Collator, ConversationDataset
-from vlmkit.train.run import training_arguments
+from vlmkit.train.trainer import training_arguments
 
 
 def _grads(model, batch) -> dict:

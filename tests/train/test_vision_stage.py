@@ -93,6 +93,31 @@ def test_vision_stage_refuses_records_with_several_images(synth_dir, tmp_path):
     assert "one image per caption record" in str(err.value)
 
 
-def test_vision_stage_needs_no_language_model(synth_dir, tmp_path):
+def test_vision_stage_needs_no_language_model_and_refuses_what_it_would_ignore(synth_dir, tmp_path):
     with pytest.raises(ConfigError, match="vision encoder alone"):
         run(_config(synth_dir, tmp_path / "x", "model.init_from=somewhere"))
+    with pytest.raises(ConfigError, match="does not support data.eval, train.packing"):
+        run(_config(synth_dir, tmp_path / "x", "data.eval=x.jsonl", "train.packing=true"))
+
+
+def test_a_missing_image_names_its_record_or_is_skipped_and_counted(synth_dir, tmp_path):
+    from vlmkit.data.records import read_records
+
+    records, _ = read_records(synth_dir / "captions.jsonl")
+    lost = normalise({"id": "lost", "images": ["nowhere.png"], "conversations": records[0].conversations},
+                     tmp_path, tmp_path / "lost.jsonl", 3)  # fmt: skip
+    with pytest.raises(DataError, match=r"lost\.jsonl.*3.*image file not found|image file not found.*lost\.jsonl"):
+        TagDataset([*records, lost], ["red"], None, 10**8)
+    dataset = TagDataset([*records, lost], ["red"], None, 10**8, skip_bad=True)
+    assert len(dataset) == len(records) and len(dataset.skipped) == 1
+
+
+def test_vision_stage_trains_a_vit_tower_too(synth_dir, tmp_path):
+    # A CLIP tower drops its CLS token (vision_feature_select_strategy "default") and is saved with its normalisation.
+    out = tmp_path / "vit"
+    run(_config(synth_dir, out, "train.max_steps=2"))  # the default tower: a tiny CLIP ViT
+    built = build(ModelConfig(vision=str(out), text_config=dict(TEST_TEXT), vocab_size=400),
+                  training_texts=lambda: ["red circle"] * 40)  # fmt: skip
+    assert built.model.config.vision_config.model_type == "clip_vision_model" and "vision" not in built.random_modules
+    saved = json.loads((out / "preprocessor_config.json").read_text())
+    assert saved["image_mean"] == list(built.processor.image_processor.image_mean)

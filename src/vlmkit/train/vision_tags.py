@@ -28,15 +28,16 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
-from transformers import ProgressCallback, Trainer
+from transformers import ProgressCallback, Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import LearningRates, RunConfig, to_yaml
 from vlmkit.data.records import Record, read_record_files
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.model import vision
-from vlmkit.model.build import HALF_MEAN_STD, build_vision_tower, tower_image_processor
+from vlmkit.model.build import build_vision_tower, tower_image_processor
 from vlmkit.processing.images import open_image
+from vlmkit.train import distributed
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import training_arguments
 
@@ -73,23 +74,36 @@ def tag_vocabulary(records: list[Record]) -> tuple[list[str], torch.Tensor]:
 class TagDataset(Dataset):
     """One image and the multi-hot vector of its caption's words per item."""
 
-    def __init__(self, records: list[Record], vocabulary: list[str], image_processor, max_pixels: int):
+    def __init__(self, records: list[Record], vocabulary: list[str], image_processor, max_pixels: int,
+                 skip_bad: bool = False):  # fmt: skip
         self.index = {word: i for i, word in enumerate(vocabulary)}
         self.image_processor, self.max_pixels = image_processor, max_pixels
+        self.records, self.skipped = [], []
         for record in records:
-            if len(record.images) != 1:
-                raise record.error(f"the vision stage takes one image per caption record, not {len(record.images)}")
-        self.records = records
+            try:
+                if len(record.images) != 1:
+                    raise record.error(f"the vision stage takes one image per caption record, not {len(record.images)}")
+                self._open(record, decode=False)  # the header only: a missing or unreadable file fails here
+                self.records.append(record)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                self.skipped.append(err)
+        if not self.records:
+            raise DataError("no usable records left" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
+
+    def _open(self, record: Record, decode: bool = True):
+        try:
+            return open_image(record.images[0], max_pixels=self.max_pixels, decode=decode)
+        except DataError as err:
+            raise record.error(str(err)) from None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        try:
-            image = open_image(record.images[0], max_pixels=self.max_pixels)
-        except DataError as err:
-            raise record.error(str(err)) from None
+        image = self._open(record)
         tags = torch.zeros(len(self.index))
         for word in caption_words(record):
             if word in self.index:
@@ -115,51 +129,83 @@ class TowerTagger(nn.Module):
         return out
 
 
-def run_vision_stage(cfg: RunConfig, log=print) -> Path:
-    """Train the tower on caption tags; save it where `model.vision` can load it."""
+def _check(cfg: RunConfig) -> None:
+    """Refuse settings this stage would otherwise ignore."""
     if cfg.model.init_from or cfg.model.lm:
         raise ConfigError("train.stage=vision trains a vision encoder alone: leave model.init_from and model.lm "
                           "unset (give model.vision_config, or model.vision to go on from a checkpoint)")  # fmt: skip
+    unsupported = {"data.eval": cfg.data.eval, "lora.enabled": cfg.lora.enabled, "train.packing": cfg.train.packing,
+                   "model.slicing": cfg.model.slicing, "train.fsdp": cfg.train.fsdp,
+                   "train.deepspeed": cfg.train.deepspeed,
+                   "train.gradient_checkpointing": cfg.train.gradient_checkpointing}  # fmt: skip
+    given = [name for name, value in unsupported.items() if value]
+    if given:
+        raise ConfigError(f"train.stage=vision does not support {', '.join(given)}; unset them (the stage trains one "
+                          "whole-image view of a small encoder, on one process or with DDP)")  # fmt: skip
+
+
+def _vocabulary(records: list[Record], out: Path, resuming: bool) -> tuple[list[str], torch.Tensor]:
+    """The tag vocabulary, written to `out` before training so that a resumed run keeps its order."""
+    vocabulary, positive_weight = tag_vocabulary(records)
+    saved = out / TAGS_FILE
+    if resuming and saved.is_file() and json.loads(saved.read_text()) != vocabulary:
+        raise ConfigError(f"the captions give other tags than {saved} of the run being resumed; resume on the "
+                          "same data, or start a new output directory")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(vocabulary))
+    return vocabulary, positive_weight
+
+
+def run_vision_stage(cfg: RunConfig, log=print) -> Path:
+    """Train the tower on caption tags; save it where `model.vision` can load it."""
+    _check(cfg)
     out = Path(cfg.train.output_dir)
+    set_seed(cfg.train.seed)
     log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
+    distributed.check(cfg.train)
+    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)
     tower, random = build_vision_tower(cfg.model)
     encode_config = SimpleNamespace(vision_config=tower.config, vision_feature_layer=cfg.model.vision_feature_layer,
+                                    vision_feature_select_strategy=cfg.model.vision_feature_select_strategy,
                                     image_size=cfg.model.image_size)  # fmt: skip
-    vocabulary, positive_weight = tag_vocabulary(records)
+    vocabulary, positive_weight = _vocabulary(records, out, checkpoint is not None)
     model = TowerTagger(tower, encode_config, len(vocabulary), positive_weight)
     lr = cfg.train.learning_rates(frozenset({"vision"} if random else ())).vision
     if not lr:
         raise ConfigError("train.lr.vision is 0 in the vision stage: nothing would train")
     args = training_arguments(cfg, LearningRates(vision=lr, projector=0.0, lm=0.0), False)
     args.include_num_input_tokens_seen = "no"  # images, not tokens
-    dataset = TagDataset(records, vocabulary, tower_image_processor(cfg.model, encode_config), cfg.data.max_pixels)
+    image_processor = tower_image_processor(cfg.model, encode_config)
+    dataset = TagDataset(records, vocabulary, image_processor, cfg.data.max_pixels, cfg.data.skip_bad)
+    skipped = bad_lines + dataset.skipped
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
     log(f"vision stage: {len(dataset)} images, {len(vocabulary)} tags, learning rate {lr}")
 
-    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
     if trainer.is_world_process_zero():
-        save_tower(trainer.model, vocabulary, out)
+        save_tower(trainer.model, vocabulary, image_processor, out)
         (out / "vlmkit_run.yaml").write_text(to_yaml(cfg))
         summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "n_train": len(dataset),
-                   "skipped_records": len(bad_lines), "n_params": sum(p.numel() for p in tower.parameters()),
+                   "skipped_records": len(skipped), "n_params": sum(p.numel() for p in tower.parameters()),
                    "n_tags": len(vocabulary), "metrics": dict(result.metrics)}  # fmt: skip
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        if skipped:
+            log(f"skipped {len(skipped)} bad record(s) (--skip-bad); the first: {skipped[0]}")
         log(f"saved the vision encoder to {out} ({summary['steps']} steps in {train_seconds:.0f}s)")
     return out
 
 
-def save_tower(model: TowerTagger, vocabulary: list[str], out: Path) -> None:
-    """The tower as a transformers checkpoint, its image normalisation, and the tag head beside it."""
+def save_tower(model: TowerTagger, vocabulary: list[str], image_processor, out: Path) -> None:
+    """The tower as a transformers checkpoint, the image normalisation it was trained with, and the tag head."""
     out.mkdir(parents=True, exist_ok=True)
     model.tower.save_pretrained(out)  # safetensors
-    mean, std = HALF_MEAN_STD
-    size = vision.input_size(model.encode_config)
-    (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std, "size": size}))
+    normalisation = {"image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
+                     "size": image_processor.size}  # fmt: skip
+    (out / "preprocessor_config.json").write_text(json.dumps(normalisation))
     (out / TAGS_FILE).write_text(json.dumps(vocabulary))
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
