@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from vlmkit.data.records import Record, read_records
+from vlmkit.data.records import Record, prepare_all, read_records
 from vlmkit.errors import DataError
 from vlmkit.processing.image_processing import concat_image_inputs
 from vlmkit.processing.images import open_image
@@ -52,17 +52,9 @@ class ConversationDataset(Dataset):
                  max_pixels: int | None = None, video: VideoSettings | None = None):  # fmt: skip
         self.processor, self.max_length, self.max_pixels = processor, max_length, max_pixels
         self.video = video or VideoSettings()
-        self.examples: list[Example] = []
-        self.skipped: list[DataError] = []
-        for record in records:
-            try:
-                self.examples.append(self._prepare(record))
-            except DataError as err:
-                if not skip_bad:
-                    raise
-                self.skipped.append(err)
-        if not self.examples:
-            raise DataError("no usable records left" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
+        self.examples: list[Example]
+        self.skipped: list[DataError]
+        self.examples, self.skipped = prepare_all(records, self._prepare, skip_bad)
 
     @classmethod
     def from_jsonl(cls, path, processor: VLMProcessor, max_length: int, skip_bad: bool = False, **kwargs):

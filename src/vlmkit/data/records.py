@@ -184,6 +184,22 @@ def read_record_files(paths: str | list[str], skip_bad: bool = False, reader=rea
     return records, skipped
 
 
+def prepare_all(records: list[Record], prepare, skip_bad: bool) -> tuple[list, list[DataError]]:
+    """`prepare(record)` for each record: the results, and the errors of the records skipped
+    (with `skip_bad`; otherwise the first error is raised). Raises if none is left."""
+    prepared, skipped = [], []
+    for record in records:
+        try:
+            prepared.append(prepare(record))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            skipped.append(err)
+    if not prepared:
+        raise DataError("no usable records left" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    return prepared, skipped
+
+
 def write_records(path: Path | str, records: list[Record]) -> None:
     """Write records as JSONL atomically (temporary file, then rename), image paths relative to the file."""
     path = Path(path)

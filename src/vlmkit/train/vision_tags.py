@@ -32,7 +32,7 @@ from transformers import ProgressCallback, Trainer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import LearningRates, RunConfig, to_yaml
-from vlmkit.data.records import Record, read_record_files
+from vlmkit.data.records import Record, prepare_all, read_record_files
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.model import vision
 from vlmkit.model.build import build_vision_tower, tower_image_processor
@@ -78,19 +78,13 @@ class TagDataset(Dataset):
                  skip_bad: bool = False):  # fmt: skip
         self.index = {word: i for i, word in enumerate(vocabulary)}
         self.image_processor, self.max_pixels = image_processor, max_pixels
-        self.records, self.skipped = [], []
-        for record in records:
-            try:
-                if len(record.images) != 1:
-                    raise record.error(f"the vision stage takes one image per caption record, not {len(record.images)}")
-                self._open(record, decode=False)  # the header only: a missing or unreadable file fails here
-                self.records.append(record)
-            except DataError as err:
-                if not skip_bad:
-                    raise
-                self.skipped.append(err)
-        if not self.records:
-            raise DataError("no usable records left" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
+        self.records, self.skipped = prepare_all(records, self._check, skip_bad)
+
+    def _check(self, record: Record) -> Record:
+        if len(record.images) != 1:
+            raise record.error(f"the vision stage takes one image per caption record, not {len(record.images)}")
+        self._open(record, decode=False)  # the header only: a missing or unreadable file fails here
+        return record
 
     def _open(self, record: Record, decode: bool = True):
         try:
