@@ -21,7 +21,8 @@ from vlmkit.data.records import read_records
 from vlmkit.data.synth import DATA_VERSION, DEFAULT_SIZES, synth
 from vlmkit.eval.vqa import evaluate, write_results
 from vlmkit.serve.generation import load_for_inference
-from vlmkit.train.run import SUMMARY_FILE, run
+from vlmkit.train.run import run
+from vlmkit.train.trainer import SUMMARY_FILE
 
 # `--quick` checks the pipeline in about a minute; its accuracy means nothing.
 QUICK_SIZES = {"train": 400, "captions": 200, "val": 40, "test": 160, "compositional": 70}

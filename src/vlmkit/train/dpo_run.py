@@ -31,8 +31,8 @@ from vlmkit.train.dpo import (
     score_pairs,  # fmt: skip
 )
 from vlmkit.train.progress import ProgressBar
-from vlmkit.train.run import CONFIG_FILE, SUMMARY_FILE, prepare_model
-from vlmkit.train.trainer import training_arguments
+from vlmkit.train.run import prepare_model
+from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, training_arguments
 
 
 def run_dpo(cfg: RunConfig, log=print) -> Path:

@@ -10,11 +10,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, ProgressCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from vlmkit.config import LearningRates, RunConfig, to_yaml
+from vlmkit.config import RunConfig, to_yaml
 from vlmkit.data.dataset import Collator, ConversationDataset, VideoSettings
 from vlmkit.data.packing import PackedCollator
 from vlmkit.data.records import IMAGE_MARKER, VIDEO_MARKER, read_record_files
@@ -22,11 +21,9 @@ from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
 from vlmkit.train import distributed, lora
 from vlmkit.train.progress import ProgressBar
-from vlmkit.train.trainer import VLMTrainer, apply_learning_rates, training_arguments
+from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, VLMTrainer, apply_learning_rates, training_arguments
 from vlmkit.train.vision_tags import run_vision_stage
 
-CONFIG_FILE = "vlmkit_run.yaml"
-SUMMARY_FILE = "train_summary.json"
 
 
 def _texts(records) -> list[str]:

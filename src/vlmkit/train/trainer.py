@@ -18,6 +18,10 @@ from vlmkit.config import LearningRates, RunConfig
 from vlmkit.errors import ConfigError
 from vlmkit.train import distributed
 
+# What every training stage writes beside its model.
+CONFIG_FILE = "vlmkit_run.yaml"
+SUMMARY_FILE = "train_summary.json"
+
 # Config name -> attribute of VLMForConditionalGeneration (also found under PEFT's wrappers).
 MODULES = {"vision": "vision_tower", "projector": "projector", "lm": "language_model"}
 

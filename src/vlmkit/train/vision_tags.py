@@ -39,11 +39,10 @@ from vlmkit.model.build import build_vision_tower, tower_image_processor
 from vlmkit.processing.images import open_image
 from vlmkit.train import distributed
 from vlmkit.train.progress import ProgressBar
-from vlmkit.train.trainer import training_arguments
+from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, training_arguments
 
 TAGS_FILE = "tags.json"
 HEAD_FILE = "tag_head.safetensors"
-SUMMARY_FILE = "train_summary.json"
 MIN_TAG_COUNT = 3  # rarer words teach nothing general and only add outputs
 MAX_POSITIVE_WEIGHT = 100.0
 WORD = re.compile(r"[a-z0-9]+")
@@ -182,8 +181,8 @@ def run_vision_stage(cfg: RunConfig, log=print) -> Path:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
     if trainer.is_world_process_zero():
-        save_tower(trainer.model, vocabulary, image_processor, out)
-        (out / "vlmkit_run.yaml").write_text(to_yaml(cfg))
+        save_tower(trainer.model, image_processor, out)  # beside the tags written before training
+        (out / CONFIG_FILE).write_text(to_yaml(cfg))
         summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "n_train": len(dataset),
                    "skipped_records": len(skipped), "n_params": sum(p.numel() for p in tower.parameters()),
                    "n_tags": len(vocabulary), "metrics": dict(result.metrics)}  # fmt: skip
@@ -194,12 +193,11 @@ def run_vision_stage(cfg: RunConfig, log=print) -> Path:
     return out
 
 
-def save_tower(model: TowerTagger, vocabulary: list[str], image_processor, out: Path) -> None:
+def save_tower(model: TowerTagger, image_processor, out: Path) -> None:
     """The tower as a transformers checkpoint, the image normalisation it was trained with, and the tag head."""
     out.mkdir(parents=True, exist_ok=True)
     model.tower.save_pretrained(out)  # safetensors
     normalisation = {"image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
                      "size": image_processor.size}  # fmt: skip
     (out / "preprocessor_config.json").write_text(json.dumps(normalisation))
-    (out / TAGS_FILE).write_text(json.dumps(vocabulary))
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
