@@ -236,9 +236,17 @@ def test_a_learning_rate_override_in_plain_exponent_form_is_a_float():
     assert load_config(None, ["train.lr.lm=1e-4", "train.scratch_lr=3e-3"]).train.lr.lm == 1e-4
 
 
-def test_align_stage_with_frozen_vision_trains_only_projector_and_lm(synth_dir, tmp_path, recorder):
+# A batch-norm tower (RegNet) would update its running statistics in training mode: frozen must mean unchanged.
+REGNET = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [16, 32], "depths": [1, 1], "groups_width": 8,
+          "layer_type": "y"}  # fmt: skip
+
+
+@pytest.mark.parametrize("tower", ["clip", "regnet"])
+def test_align_stage_with_frozen_vision_trains_only_projector_and_lm(synth_dir, tmp_path, recorder, tower):
     cfg = make_config(synth_dir, tmp_path / "align", stage="align", max_steps=2)
     cfg.train.lr.vision = 0.0
+    if tower == "regnet":
+        cfg.model = tiny_model_config(vision_config=dict(REGNET), image_size=32)
     messages = []
     run_module.run(cfg, log=messages.append)
     (trainer,) = recorder.trainers

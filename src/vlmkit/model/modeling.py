@@ -51,6 +51,21 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
+    def train(self, mode: bool = True):
+        """Switch to training mode, except that a frozen part (no trainable parameter) stays in eval mode.
+
+        A frozen part must not change: in training mode a batch-norm tower (RegNet, ConvNeXt V1
+        variants) would still update its running statistics, and normalise with batch statistics
+        that inference never sees. Dropout in a frozen part would only add noise to its features.
+        The Trainer calls `train()` before every step, so this holds for the whole run.
+        """
+        super().train(mode)
+        if mode:
+            for part in (self.vision_tower, self.projector, self.language_model):
+                if not any(param.requires_grad for param in part.parameters()):
+                    part.eval()
+        return self
+
     # Embedding access is delegated so that resize_token_embeddings, PEFT and generation work.
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

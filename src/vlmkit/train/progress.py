@@ -14,6 +14,7 @@ class ProgressBar(TrainerCallback):
     def __init__(self):
         self.bar = None
         self.last_time = self.last_tokens = None
+        self.postfix = {}  # kept across logs: the summary logged at the end carries none of these
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -29,14 +30,14 @@ class ProgressBar(TrainerCallback):
         if self.bar is None or not logs:
             return
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        postfix = {}
+        postfix = self.postfix
         if "loss" in logs:
             postfix["loss"] = f"{logs['loss']:.4f}"
         if "learning_rate" in logs:
             postfix["lr"] = f"{logs['learning_rate']:.2e}"
         if "eval_loss" in logs:
             postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
-        if tokens and now > self.last_time:
+        if tokens and tokens > self.last_tokens and now > self.last_time:
             # The Trainer sums the count over all processes, so this is the whole job's rate.
             postfix["tok/s"] = f"{(tokens - self.last_tokens) / (now - self.last_time):,.0f}"
             self.last_time, self.last_tokens = now, tokens
