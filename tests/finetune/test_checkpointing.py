@@ -41,5 +41,5 @@ def test_engine_options_reach_the_trainer(synth_dir, tmp_path):
     options = ["train.torch_compile=true", "train.gradient_checkpointing=true"]
     cfg = make_config(synth_dir / "train.jsonl", tmp_path, options)
     args = training_arguments(cfg, cfg.train.learning_rates(), has_eval=False)
-    assert args.torch_compile and args.gradient_checkpointing
+    assert args.torch_compile and args.activation_checkpointing
     assert not args.deepspeed and not args.fsdp

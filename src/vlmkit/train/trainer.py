@@ -50,7 +50,7 @@ def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> 
         eval_strategy=("steps" if eval_every else "no") if has_eval else "no",
         eval_steps=eval_every,
         bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         report_to=t.report_to,
         dataloader_num_workers=cfg.data.num_workers,
         remove_unused_columns=False,
