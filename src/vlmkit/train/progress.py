@@ -14,13 +14,14 @@ class ProgressBar(TrainerCallback):
     def __init__(self):
         self.bar = None
         self.last_time = self.last_tokens = None
-        self.postfix = {}  # kept across logs: the summary logged at the end carries none of these
+        self.postfix = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                             dynamic_ncols=True)  # fmt: skip
         self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+        self.postfix = {}
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -30,7 +31,7 @@ class ProgressBar(TrainerCallback):
         if self.bar is None or not logs:
             return
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        postfix = self.postfix
+        postfix = self.postfix  # updated in place: a log that lacks a figure keeps its last value
         if "loss" in logs:
             postfix["loss"] = f"{logs['loss']:.4f}"
         if "learning_rate" in logs:
