@@ -67,6 +67,11 @@ class DataConfig:
     video_fps: float | None = None  # sample at this rate instead (still capped by video_max_frames)
     video_max_frames: int = 32
     video_max_slices: int = 1  # slices per frame with a slicing model (1: the whole view; anyres: + 1 tile)
+    # Vision stage only: the chance that an image's colour channels are permuted, so that each shape
+    # is seen in colours its captions never pair it with; the `colour_words` tags are not trained on
+    # such an image (its colours are no longer the caption's).
+    channel_shuffle: float = 0.0
+    colour_words: list = field(default_factory=list)
 
 
 @dataclass

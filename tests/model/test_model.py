@@ -39,6 +39,30 @@ def test_save_load_round_trip_gives_identical_logits(tiny, tmp_path):
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
 
 
+def test_training_scores_only_supervised_positions_with_the_same_loss_and_gradients(tiny, train_records):
+    from vlmkit.data.dataset import Collator, ConversationDataset
+
+    dataset = ConversationDataset(train_records[:4], tiny.processor, max_length=1024)
+    batch = Collator(tiny.processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    model = tiny.model
+    results = {}
+    for training in (True, False):
+        model.train(training)
+        model.zero_grad()
+        out = model(**batch, num_items_in_batch=torch.tensor(supervised))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[training] = out, grads
+    (trained, trained_grads), (full, full_grads) = results[True], results[False]
+    assert trained.logits.shape == (supervised, full.logits.shape[-1])  # one row per supervised position
+    assert full.logits.shape[:2] == batch["input_ids"].shape
+    assert torch.allclose(trained.loss, full.loss, atol=1e-6)
+    assert trained_grads.keys() == full_grads.keys() and len(full_grads) > 10
+    for name, grad in full_grads.items():
+        assert torch.allclose(trained_grads[name], grad, atol=1e-6), name
+
+
 def test_auto_classes_load_a_saved_model(tiny, tmp_path):
     tiny.model.save_pretrained(tmp_path)
     tiny.processor.save_pretrained(tmp_path)

@@ -121,3 +121,45 @@ def test_vision_stage_trains_a_vit_tower_too(synth_dir, tmp_path):
     assert built.model.config.vision_config.model_type == "clip_vision_model" and "vision" not in built.random_modules
     saved = json.loads((out / "preprocessor_config.json").read_text())
     assert saved["image_mean"] == list(built.processor.image_processor.image_mean)
+
+
+def test_channel_shuffle_permutes_colours_and_leaves_out_the_colour_tags(synth_dir):
+    from vlmkit.data.records import read_records
+
+    records, _ = read_records(synth_dir / "captions.jsonl")
+    vocabulary, _ = tag_vocabulary(records)
+    colours = [word for word in ("red", "green", "blue") if word in vocabulary]
+    keep_pil = lambda images: {"pixel_values": [images[0]]}  # items then carry the PIL image itself
+    plain = TagDataset(records[:8], vocabulary, keep_pil, 10**8)
+    shuffled = TagDataset(records[:8], vocabulary, keep_pil, 10**8, channel_shuffle=1.0, colour_words=colours)
+    torch.manual_seed(0)
+    for i in range(8):
+        original, item = plain[i], shuffled[i]
+        assert torch.equal(original["tags"], item["tags"])  # the caption's words, as they are
+        left_out = {vocabulary[k] for k in torch.nonzero(item["trained_tags"] == 0).flatten().tolist()}
+        assert left_out == set(colours) and original["trained_tags"].all()
+        before, after = original["pixel_values"].convert("RGB").split(), item["pixel_values"].split()
+        assert sorted(c.tobytes() for c in before) == sorted(c.tobytes() for c in after)  # same channels...
+        assert [c.tobytes() for c in before] != [c.tobytes() for c in after]  # ...in another order
+
+    # The loss is the mean over the (image, tag) pairs left in.
+    from types import SimpleNamespace
+
+    tower, _ = build_vision_tower(ModelConfig(vision_config=dict(TEST_REGNET), image_size=32))
+    tagger = TowerTagger(tower, SimpleNamespace(vision_config=tower.config, vision_feature_layer=-1, image_size=32), 3)
+    tags, trained = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]), torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    out = tagger.eval()(torch.randn(2, 3, 32, 32), tags, trained)
+    kept = trained.bool()
+    assert torch.allclose(out["loss"], torch.nn.functional.binary_cross_entropy_with_logits(out["logits"][kept], tags[kept]))
+
+
+def test_channel_shuffle_settings_are_checked(synth_dir, tmp_path):
+    with pytest.raises(ConfigError, match="needs data.colour_words"):
+        run(_config(synth_dir, tmp_path / "x", "data.channel_shuffle=0.5"))
+    with pytest.raises(ConfigError, match="teal not among the tags"):
+        run(_config(synth_dir, tmp_path / "x", "data.channel_shuffle=0.5", "data.colour_words=[red,teal]"))
+    with pytest.raises(ConfigError, match="from 0 to 1"):
+        run(_config(synth_dir, tmp_path / "x", "data.channel_shuffle=1.5", "data.colour_words=[red]"))
+    with pytest.raises(ConfigError, match="for train.stage=vision"):
+        run(load_config(None, ["train.stage=sft", f"data.train={synth_dir / 'train.jsonl'}",
+                               "data.channel_shuffle=0.5"]))  # fmt: skip

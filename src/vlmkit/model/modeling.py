@@ -17,7 +17,7 @@ from vlmkit.errors import ImageTokenMismatchError
 from vlmkit.model import vision
 from vlmkit.model.configuration import VLMConfig
 from vlmkit.model.projectors import build_projector
-from vlmkit.model.tokens import image_token_spec, num_image_tokens
+from vlmkit.model.tokens import IGNORE_INDEX, image_token_spec, num_image_tokens
 
 
 class VLMPreTrainedModel(PreTrainedModel):
@@ -164,7 +164,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """Same contract as the LM's forward, plus `pixel_values` (crops, 3, H, W) for the `<image>` tokens
-        (and `crop_sizes` when crops of several sizes were padded together).
+        (and `crop_sizes` when crops of several sizes were padded together). In training mode with
+        `labels`, the logits are those of the supervised positions only, flattened to (positions, vocab).
 
         Extra keyword arguments (such as the Trainer's `num_items_in_batch`, which makes the
         loss a sum over the whole accumulation window divided by its supervised-token count)
@@ -177,6 +178,13 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, crop_sizes)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids to find the <image> placeholders")
+        if labels is not None and self.training and isinstance(logits_to_keep, int) and not logits_to_keep:
+            # Training needs logits only where the next token is supervised: about a tenth of a
+            # chat sample's positions, and the LM head is a sixth of a small LM's work. The LM
+            # scores those positions alone and computes its own loss on the labels they predict.
+            shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            logits_to_keep = shifted != IGNORE_INDEX
+            kwargs["shift_labels"] = shifted[logits_to_keep]
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

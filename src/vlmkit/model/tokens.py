@@ -10,6 +10,8 @@ from __future__ import annotations
 from vlmkit.model import vision
 from vlmkit.model.projectors import projector_class
 
+IGNORE_INDEX = -100  # a label no loss is taken on (transformers' and torch's convention)
+
 
 def image_token_spec(config) -> dict:
     """The few numbers from a VLMConfig that decide the token count, as a JSON-able dict."""

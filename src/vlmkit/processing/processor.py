@@ -16,11 +16,9 @@ from transformers.image_processing_base import BatchFeature
 
 from vlmkit.data.records import IMAGE_MARKER
 from vlmkit.errors import DataError
-from vlmkit.model.tokens import num_image_tokens
+from vlmkit.model.tokens import IGNORE_INDEX, num_image_tokens
 from vlmkit.processing import slicing
 from vlmkit.processing.image_processing import ImagePlan, batch_crops
-
-IGNORE_INDEX = -100
 
 
 class VLMProcessor(ProcessorMixin):

@@ -63,6 +63,9 @@ def run(cfg: RunConfig, log=print) -> Path:
         return run_vision_stage(cfg, log)
     if cfg.train.stage == "dpo":
         raise ConfigError("train.stage=dpo trains on preference records: run `vlmkit dpo` (vlmkit.train.dpo_run)")
+    if cfg.data.channel_shuffle or cfg.data.colour_words:
+        raise ConfigError("data.channel_shuffle and data.colour_words are for train.stage=vision (tag training); "
+                          f"train.stage={cfg.train.stage} trains on the captions' own colours: unset them")  # fmt: skip
     out = Path(cfg.train.output_dir)
     set_seed(cfg.train.seed)
     log(f"vlmkit train: configuration\n{to_yaml(cfg)}")

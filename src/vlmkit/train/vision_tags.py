@@ -9,6 +9,12 @@ the tokens pools the scores into one logit per word, trained to say which words 
 uses (multi-label, as in tagging pre-training). The log-sum-exp is a smooth maximum: one token
 is enough to claim an object, while a word that spans several tokens adds up their evidence.
 
+Captions that never pair some colour with some shape teach a tower shape detectors tied to the
+colours they were seen in: the demo's tower named the shape of 0.70 of the held-out pairs'
+objects and 0.99 of the others. `data.channel_shuffle` permutes the colour channels of a share
+of the images (a green triangle turns red, blue or purple), with the loss on the colour words
+(`data.colour_words`) left out for them, which brought the held-out pairs to 0.98.
+
 Hand-written because no maintained library trains a transformers vision model on caption tags.
 The trained encoder is saved as a plain transformers checkpoint with its image normalisation,
 so that `model.vision=DIR` composes it with any LM (the tag head is kept beside it, unused).
@@ -24,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
@@ -45,6 +52,8 @@ TAGS_FILE = "tags.json"
 HEAD_FILE = "tag_head.safetensors"
 MIN_TAG_COUNT = 3  # rarer words teach nothing general and only add outputs
 MAX_POSITIVE_WEIGHT = 100.0
+# Every order of the three channels but the identity.
+CHANNEL_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -71,12 +80,18 @@ def tag_vocabulary(records: list[Record]) -> tuple[list[str], torch.Tensor]:
 
 
 class TagDataset(Dataset):
-    """One image and the multi-hot vector of its caption's words per item."""
+    """One image, the multi-hot vector of its caption's words and which of them to train on, per item.
+
+    With `channel_shuffle` > 0 that share of the images has its colour channels permuted (drawn from
+    torch's generator, which the Trainer seeds and checkpoints) and the `colour_words` left out.
+    """
 
     def __init__(self, records: list[Record], vocabulary: list[str], image_processor, max_pixels: int,
-                 skip_bad: bool = False):  # fmt: skip
+                 skip_bad: bool = False, channel_shuffle: float = 0.0, colour_words: list[str] = ()):  # fmt: skip
         self.index = {word: i for i, word in enumerate(vocabulary)}
         self.image_processor, self.max_pixels = image_processor, max_pixels
+        self.channel_shuffle = channel_shuffle
+        self.colour_tags = _colour_tags(self.index, channel_shuffle, colour_words)
         self.records, self.skipped = prepare_all(records, self._check, skip_bad)
 
     def _check(self, record: Record) -> Record:
@@ -97,11 +112,31 @@ class TagDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
         image = self._open(record)
-        tags = torch.zeros(len(self.index))
+        tags, trained = torch.zeros(len(self.index)), torch.ones(len(self.index))
         for word in caption_words(record):
             if word in self.index:
                 tags[self.index[word]] = 1.0
-        return {"pixel_values": self.image_processor([image])["pixel_values"][0], "tags": tags}
+        if self.channel_shuffle and float(torch.rand(())) < self.channel_shuffle:
+            channels = image.convert("RGB").split()
+            order = CHANNEL_ORDERS[int(torch.randint(len(CHANNEL_ORDERS), ()))]
+            image = Image.merge("RGB", [channels[c] for c in order])
+            trained[self.colour_tags] = 0.0
+        pixel_values = self.image_processor([image])["pixel_values"][0]
+        return {"pixel_values": pixel_values, "tags": tags, "trained_tags": trained}
+
+
+def _colour_tags(index: dict[str, int], channel_shuffle: float, colour_words: list[str]) -> list[int]:
+    """The tag indices of `colour_words`, checked against the shuffle that needs them."""
+    if not 0.0 <= channel_shuffle <= 1.0:
+        raise ConfigError(f"data.channel_shuffle is {channel_shuffle}; give a probability from 0 to 1")
+    if channel_shuffle and not colour_words:
+        raise ConfigError("data.channel_shuffle needs data.colour_words: the words a shuffled image's caption "
+                          "no longer gets right (e.g. [red, green, blue])")  # fmt: skip
+    missing = [word for word in colour_words if word.lower() not in index]
+    if missing:
+        raise ConfigError(f"data.colour_words: {', '.join(missing)} not among the tags (words in "
+                          f"{MIN_TAG_COUNT} or more captions); remove them or check the spelling")  # fmt: skip
+    return [index[word.lower()] for word in colour_words]
 
 
 class TowerTagger(nn.Module):
@@ -113,12 +148,16 @@ class TowerTagger(nn.Module):
         self.head = nn.Linear(vision.feature_size(tower.config), n_tags)
         self.register_buffer("positive_weight", positive_weight, persistent=False)
 
-    def forward(self, pixel_values: torch.Tensor, tags: torch.Tensor | None = None) -> dict:
+    def forward(self, pixel_values: torch.Tensor, tags: torch.Tensor | None = None,
+                trained_tags: torch.Tensor | None = None) -> dict:  # fmt: skip
+        """Tag logits per image; with `tags`, the mean loss over the (image, tag) pairs `trained_tags` keeps."""
         tokens = vision.encode(self.tower, self.encode_config, pixel_values)  # (images, tokens, width)
         logits = torch.logsumexp(self.head(tokens), dim=1)
         out = {"logits": logits}
         if tags is not None:
-            out["loss"] = F.binary_cross_entropy_with_logits(logits, tags, pos_weight=self.positive_weight)
+            trained = torch.ones_like(tags) if trained_tags is None else trained_tags
+            losses = F.binary_cross_entropy_with_logits(logits, tags, pos_weight=self.positive_weight, reduction="none")
+            out["loss"] = (losses * trained).sum() / trained.sum()
         return out
 
 
@@ -170,7 +209,8 @@ def run_vision_stage(cfg: RunConfig, log=print) -> Path:
     args = training_arguments(cfg, LearningRates(vision=lr, projector=0.0, lm=0.0), False)
     args.include_num_input_tokens_seen = "no"  # images, not tokens
     image_processor = tower_image_processor(cfg.model, encode_config)
-    dataset = TagDataset(records, vocabulary, image_processor, cfg.data.max_pixels, cfg.data.skip_bad)
+    dataset = TagDataset(records, vocabulary, image_processor, cfg.data.max_pixels, cfg.data.skip_bad,
+                         cfg.data.channel_shuffle, cfg.data.colour_words)  # fmt: skip
     skipped = bad_lines + dataset.skipped
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.remove_callback(ProgressCallback)
