@@ -172,7 +172,7 @@ def _export(args) -> None:
 def _demo(args) -> None:
     from vlmkit.demo import run_demo
 
-    run_demo(Path(args.out), Path(args.data), quick=args.quick)
+    run_demo(Path(args.out), Path(args.data), quick=args.quick, time_budget=args.time_budget, sft_steps=args.sft_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data/synth")
     demo.add_argument("--quick", action="store_true", help="a much smaller run, to check the pipeline")
+    demo.add_argument("--time-budget", type=float, metavar="SECONDS",
+                      help="the whole demo's time; SFT gets the steps that fit, judged from the align stage's "
+                           "speed (default: 840, the issue's 15 minutes less a margin)")  # fmt: skip
+    demo.add_argument("--sft-steps", type=int, metavar="N", help="exactly N SFT steps instead (reproducible)")
     demo.set_defaults(func=_demo)
 
     add_retrieval_commands(commands)
