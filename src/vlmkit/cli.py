@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default="data/synth")
     demo.add_argument("--quick", action="store_true", help="a much smaller run, to check the pipeline")
     demo.add_argument("--time-budget", type=float, metavar="SECONDS",
-                      help="the whole demo's time; SFT gets the steps that fit, judged from the align stage's "
-                           "speed (default: 840, the issue's 15 minutes less a margin)")  # fmt: skip
+                      help="the whole demo's time; SFT trains for what is left of it, less a reserve for "
+                           "evaluation (default: 840, the issue's 15 minutes less a margin)")  # fmt: skip
     demo.add_argument("--sft-steps", type=int, metavar="N", help="exactly N SFT steps instead (reproducible)")
     demo.set_defaults(func=_demo)
 

@@ -102,6 +102,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = -1  # > 0 overrides epochs
+    time_budget: float = 0.0  # seconds; > 0: stop then, the LR schedule following time (max_steps a cap)
     epochs: float = 1.0
     max_grad_norm: float = 1.0
     seed: int = 0

@@ -3,9 +3,9 @@
 1. write the built-in data (`vlmkit data synth`), unless the same data is already there;
 2. train the tiny from-scratch model in three stages, with the recipes in
    `vlmkit/configs/demo-*.yaml`: the vision tower alone on the captions' words (vision), then
-   the LM and projector on the captions (align), then on the questions (SFT). SFT gets as
-   many steps as fit in the time budget (`--time-budget`, 15 minutes less a margin), judged
-   from the speed the align stage ran at, or exactly `--sft-steps`;
+   the LM and projector on the captions (align), then on the questions (SFT). SFT trains for
+   what is left of the time budget (`--time-budget`, 15 minutes less a margin), its learning
+   rate decaying over that time (`train.time_budget`), or for exactly `--sft-steps`;
 3. evaluate on the test split, the compositional split and the test split with blank images;
 4. write `runs/demo/metrics.json` and print a short report with sample answers.
 """
@@ -33,11 +33,12 @@ QUICK_OVERRIDES = ["train.max_steps=30", "train.batch_size=8", "train.save_steps
 # The whole demo, data and evaluation included, should end within the issue's 15 minutes on a
 # 2-core CPU; the default leaves a minute for error. SFT is the stage that gains most from more
 # steps (test 0.716 after 2,400 steps, 0.899 after 7,200 on the same align model; design.md),
-# and this machine's speed varies by 2.5x with the host's load, so its length is set at run time.
+# and this machine's speed varies 2.5-fold with the host's load, even within one run, so SFT
+# trains for a time rather than a step count.
 DEFAULT_TIME_BUDGET = 840.0
-SFT_STEPS = (1200, 9600)  # fewer would teach little; more, past where the runs measured
-SFT_STEP_COST = 1.5  # an SFT step takes about this many align steps' time (1.3-1.6 measured)
-RESERVE_STEPS = 700  # SFT's data preparation, saving and the three evaluations, in align steps
+RESERVE_SECONDS = 90.0  # SFT's data preparation and the three evaluations: 30-75 s measured
+MIN_SFT_SECONDS = 120.0  # less would teach little: better late than useless
+MAX_SFT_STEPS = 9600  # past where the runs measured
 
 
 def recipe(name: str) -> Path:
@@ -86,11 +87,9 @@ def _report(metrics: dict, rows: list[dict]) -> None:
         print(f"  {mark} {row['question']!r} -> {row['prediction']!r} (reference {row['answer']!r})")
 
 
-def sft_steps_within(budget_left: float, align: dict) -> int:
-    """SFT steps that fit in `budget_left` seconds, judged from the align stage's summary."""
-    align_step = align["train_seconds"] / max(align["steps"], 1)
-    fitting = (budget_left - RESERVE_STEPS * align_step) / (SFT_STEP_COST * align_step)
-    return int(min(max(fitting, SFT_STEPS[0]), SFT_STEPS[1]))
+def sft_seconds(budget_left: float) -> float:
+    """SFT's training time: what is left of the budget, less the reserve, and at least the minimum."""
+    return max(budget_left - RESERVE_SECONDS, MIN_SFT_SECONDS)
 
 
 def run_demo(out: Path, data: Path, quick: bool = False, time_budget: float | None = None,
@@ -101,11 +100,12 @@ def run_demo(out: Path, data: Path, quick: bool = False, time_budget: float | No
     stages = [_train_stage("vision", data, out / "vision", quick),
               _train_stage("align", data, out / "align", quick, f"model.vision={out / 'vision'}")]  # fmt: skip
     sft = [f"model.init_from={out / 'align'}"]
-    if not quick:
-        if sft_steps is None:
-            sft_steps = sft_steps_within(time_budget - (time.perf_counter() - start), stages[-1])
-            print(f"SFT: {sft_steps} steps, to end within the {time_budget:.0f} s budget at the align stage's speed")
+    if not quick and sft_steps:
         sft.append(f"train.max_steps={sft_steps}")
+    elif not quick:
+        seconds = sft_seconds(time_budget - (time.perf_counter() - start))
+        print(f"SFT: {seconds:.0f} s of training (at most {MAX_SFT_STEPS} steps), to end within {time_budget:.0f} s")
+        sft += [f"train.time_budget={seconds}", f"train.max_steps={MAX_SFT_STEPS}"]
     stages.append(_train_stage("sft", data, out / "model", quick, *sft))
 
     model, processor = load_for_inference(out / "model")

@@ -64,6 +64,11 @@ def check(t: TrainConfig) -> None:
     """Raise ConfigError for distributed settings that cannot work together or contradict each other."""
     if t.deepspeed and t.fsdp:
         raise ConfigError("train.deepspeed and train.fsdp are both set; choose one engine")
+    if t.time_budget and t.resume:
+        raise ConfigError("train.time_budget cannot resume exactly (its schedule follows the clock); "
+                          "resume a run with train.max_steps instead")  # fmt: skip
+    if t.time_budget and t.deepspeed:
+        raise ConfigError("train.time_budget needs the Trainer's own scheduler; DeepSpeed brings its own")
     if not t.deepspeed:
         return
     path = Path(t.deepspeed)

@@ -58,7 +58,7 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
     collator = PairCollator(processor.tokenizer.pad_token_id)
     trainer = DPOTrainer(model=model, args=training_arguments(cfg, rates, has_eval=False), train_dataset=train_set,
                          data_collator=collator, processing_class=processor, learning_rates=rates,
-                         beta=cfg.dpo.beta)  # fmt: skip
+                         time_budget=cfg.train.time_budget, beta=cfg.dpo.beta)  # fmt: skip
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
 

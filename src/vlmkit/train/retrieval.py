@@ -119,6 +119,7 @@ def make_trainer(cfg: RetrieverRunConfig, model: VLMRetriever, processor: VLMPro
         data_collator=PageBatchCollator(processor, model.config, store),
         processing_class=processor,
         learning_rates=rates,
+        time_budget=cfg.train.time_budget,
         temperature=r.temperature,
         grad_cache_micro_batch_size=r.grad_cache_micro_batch_size if r.grad_cache else 0,
     )

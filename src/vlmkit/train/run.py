@@ -94,6 +94,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         data_collator=collator,
         processing_class=processor,
         learning_rates=rates,
+        time_budget=cfg.train.time_budget,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())

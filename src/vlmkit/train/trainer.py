@@ -12,11 +12,13 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 
 from vlmkit.config import LearningRates, RunConfig
 from vlmkit.errors import ConfigError
 from vlmkit.train import distributed
+from vlmkit.train.time_budget import TimeBudget, TimeBudgetCallback
 
 # What every training stage writes beside its model.
 CONFIG_FILE = "vlmkit_run.yaml"
@@ -93,11 +95,26 @@ def apply_learning_rates(model: nn.Module, rates: LearningRates) -> dict[str, in
 
 
 class VLMTrainer(Trainer):
-    """Trainer whose optimizer has decay/no-decay groups per module, each at its own peak rate."""
+    """Trainer whose optimizer has decay/no-decay groups per module, each at its own peak rate;
+    with `time_budget` (seconds) its schedule follows the clock and it stops when time is up."""
 
-    def __init__(self, *args, learning_rates: LearningRates, **kwargs):
+    def __init__(self, *args, learning_rates: LearningRates, time_budget: float = 0.0, **kwargs):
         self.learning_rates = learning_rates
         super().__init__(*args, **kwargs)
+        self.time_budget = None
+        if time_budget > 0:
+            warmup = self.args.warmup_steps
+            if warmup >= 1:
+                raise ConfigError("train.time_budget takes train.warmup as a ratio of the budget (below 1), "
+                                  f"not {warmup} steps")  # fmt: skip
+            self.time_budget = TimeBudget(time_budget, warmup)
+            self.add_callback(TimeBudgetCallback(self.time_budget))
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.time_budget is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.time_budget.lr_multiplier)
+        return self.lr_scheduler
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:

@@ -169,7 +169,8 @@ def _check(cfg: RunConfig) -> None:
     unsupported = {"data.eval": cfg.data.eval, "lora.enabled": cfg.lora.enabled, "train.packing": cfg.train.packing,
                    "model.slicing": cfg.model.slicing, "train.fsdp": cfg.train.fsdp,
                    "train.deepspeed": cfg.train.deepspeed,
-                   "train.gradient_checkpointing": cfg.train.gradient_checkpointing}  # fmt: skip
+                   "train.gradient_checkpointing": cfg.train.gradient_checkpointing,
+                   "train.time_budget": cfg.train.time_budget}  # fmt: skip
     given = [name for name, value in unsupported.items() if value]
     if given:
         raise ConfigError(f"train.stage=vision does not support {', '.join(given)}; unset them (the stage trains one "
