@@ -36,7 +36,7 @@ QUICK_OVERRIDES = ["train.max_steps=30", "train.batch_size=8", "train.save_steps
 # and this machine's speed varies 2.5-fold with the host's load, even within one run, so SFT
 # trains for a time rather than a step count.
 DEFAULT_TIME_BUDGET = 840.0
-RESERVE_SECONDS = 90.0  # SFT's data preparation and the three evaluations: 30-75 s measured
+RESERVE_SECONDS = 60.0  # SFT's data preparation and the three evaluations: about 40 s on a slow host
 MIN_SFT_SECONDS = 120.0  # less would teach little: better late than useless
 MAX_SFT_STEPS = 9600  # past where the runs measured
 

@@ -6,7 +6,9 @@ import pytest
 
 from tests.train.test_training import make_config, quiet
 from vlmkit.errors import ConfigError
+from vlmkit.train import run as run_module
 from vlmkit.train import time_budget
+from vlmkit.train.progress import ProgressBar
 from vlmkit.train.run import run
 from vlmkit.train.time_budget import TimeBudget
 
@@ -33,11 +35,22 @@ def test_learning_rate_warms_up_then_decays_over_the_budgets_time(monkeypatch):
 
 def test_training_stops_when_the_budget_is_spent(synth_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(time_budget, "clock", FakeClock(step=0.5))  # time moves on every look at the clock
+    shown = []
+
+    class RecordingBar(ProgressBar):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            shown.append(dict(logs or {}))
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+
+    monkeypatch.setattr(run_module, "ProgressBar", RecordingBar)
     out = tmp_path / "budget"
     run(make_config(synth_dir, out, max_steps=500, time_budget=20.0, warmup=0.1, save_steps=1000), log=quiet)
     summary = json.loads((out / "train_summary.json").read_text())
     assert 5 <= summary["steps"] < 500  # stopped by the budget, far before the step cap
     assert (out / "model.safetensors").is_file()
+    # The bar shows the time left (its step total is only the cap), counting down to nothing.
+    left = [logs["time_left_s"] for logs in shown if "time_left_s" in logs]
+    assert len(left) >= 3 and left == sorted(left, reverse=True) and left[-1] < 1.0
 
 
 def test_time_budget_refuses_what_it_cannot_do(synth_dir, tmp_path):

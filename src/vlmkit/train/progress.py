@@ -38,6 +38,8 @@ class ProgressBar(TrainerCallback):
             postfix["lr"] = f"{logs['learning_rate']:.2e}"
         if "eval_loss" in logs:
             postfix["eval_loss"] = f"{logs['eval_loss']:.4f}"
+        if "time_left_s" in logs:  # a time-budgeted run (vlmkit/train/time_budget.py)
+            postfix["time left"] = f"{logs['time_left_s']:.0f}s"
         if tokens and tokens > self.last_tokens and now > self.last_time:
             # The Trainer sums the count over all processes, so this is the whole job's rate.
             postfix["tok/s"] = f"{(tokens - self.last_tokens) / (now - self.last_time):,.0f}"

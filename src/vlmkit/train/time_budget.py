@@ -54,3 +54,8 @@ class TimeBudgetCallback(TrainerCallback):
         if self.budget.spent() >= 1.0:
             control.should_training_stop = True
         return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The step count's bar total is only a cap here, so its ETA means nothing: log the time left.
+        if logs is not None:
+            logs["time_left_s"] = max(0.0, (1.0 - self.budget.spent()) * self.budget.seconds)
