@@ -104,6 +104,10 @@ class VLMTrainer(Trainer):
         self.time_budget = None
         if time_budget > 0:
             warmup = self.args.warmup_steps
+            scheduler = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+            if scheduler != "cosine":
+                raise ConfigError(f"train.time_budget decays the learning rate on a cosine over time; train.scheduler "
+                                  f"{scheduler!r} would be ignored: set it to cosine")  # fmt: skip
             if warmup >= 1:
                 raise ConfigError("train.time_budget takes train.warmup as a ratio of the budget (below 1), "
                                   f"not {warmup} steps")  # fmt: skip
