@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vlmkit.config import TrainConfig
 from vlmkit.errors import ConfigError
+from vlmkit.train import time_budget
 
 
 def _world_size() -> int:
@@ -64,11 +65,7 @@ def check(t: TrainConfig) -> None:
     """Raise ConfigError for distributed settings that cannot work together or contradict each other."""
     if t.deepspeed and t.fsdp:
         raise ConfigError("train.deepspeed and train.fsdp are both set; choose one engine")
-    if t.time_budget and t.resume:
-        raise ConfigError("train.time_budget cannot resume exactly (its schedule follows the clock); "
-                          "resume a run with train.max_steps instead")  # fmt: skip
-    if t.time_budget and t.deepspeed:
-        raise ConfigError("train.time_budget needs the Trainer's own scheduler; DeepSpeed brings its own")
+    time_budget.check(t)  # every stage's settings pass through here, before anything is built
     if not t.deepspeed:
         return
     path = Path(t.deepspeed)

@@ -15,7 +15,27 @@ import time
 
 from transformers import TrainerCallback
 
+from vlmkit.config import TrainConfig
+from vlmkit.errors import ConfigError
+
 clock = time.perf_counter  # module-level, so that tests can drive the schedule with a fake clock
+
+
+def check(t: TrainConfig) -> None:
+    """Refuse the settings a time budget cannot honour (called before anything is built)."""
+    if not t.time_budget:
+        return
+    if t.resume:
+        raise ConfigError("train.time_budget cannot resume exactly (its schedule follows the clock); "
+                          "resume a run with train.max_steps instead")  # fmt: skip
+    if t.deepspeed:
+        raise ConfigError("train.time_budget needs the Trainer's own scheduler; DeepSpeed brings its own")
+    if t.scheduler != "cosine":
+        raise ConfigError(f"train.time_budget decays the learning rate on a cosine over time; train.scheduler "
+                          f"{t.scheduler!r} would be ignored: set it to cosine")  # fmt: skip
+    if t.warmup >= 1:
+        raise ConfigError(f"train.time_budget takes train.warmup as a ratio of the budget (below 1), "
+                          f"not {t.warmup} steps")  # fmt: skip
 
 
 class TimeBudget:

@@ -102,16 +102,8 @@ class VLMTrainer(Trainer):
         self.learning_rates = learning_rates
         super().__init__(*args, **kwargs)
         self.time_budget = None
-        if time_budget > 0:
-            warmup = self.args.warmup_steps
-            scheduler = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
-            if scheduler != "cosine":
-                raise ConfigError(f"train.time_budget decays the learning rate on a cosine over time; train.scheduler "
-                                  f"{scheduler!r} would be ignored: set it to cosine")  # fmt: skip
-            if warmup >= 1:
-                raise ConfigError("train.time_budget takes train.warmup as a ratio of the budget (below 1), "
-                                  f"not {warmup} steps")  # fmt: skip
-            self.time_budget = TimeBudget(time_budget, warmup)
+        if time_budget > 0:  # settings checked by time_budget.check, through distributed.check
+            self.time_budget = TimeBudget(time_budget, self.args.warmup_steps)
             self.add_callback(TimeBudgetCallback(self.time_budget))
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
