@@ -121,6 +121,10 @@ def encode(tower: nn.Module, config, pixel_values: torch.Tensor) -> torch.Tensor
         kwargs["pixel_attention_mask"] = torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device)
         kwargs["spatial_shapes"] = torch.tensor([[h // p, w // p]] * b, device=patches.device)
         pixel_values = patches
+    if is_cnn(c):
+        # oneDNN's convolutions run a quarter to a third faster on channels-last input on a CPU
+        # (the weights can stay as they are, and so can every checkpoint).
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
     out = tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
     hidden = out.hidden_states[layer]
     if is_cnn(c):
