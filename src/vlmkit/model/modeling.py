@@ -185,11 +185,14 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
             logits_to_keep = shifted != IGNORE_INDEX
             kwargs["shift_labels"] = shifted[logits_to_keep]
+        if past_key_values is not None:
+            # Passed on only when given: transformers 5.24 renamed the LM's argument to `cache` (which
+            # generation now passes through **kwargs) and warns whenever the old name is set, even to None.
+            kwargs["past_key_values"] = past_key_values
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
