@@ -22,6 +22,9 @@ from vlmkit.processing.processor import IGNORE_INDEX, VLMProcessor
 from vlmkit.processing.video import probe_video, read_video, with_video_frames
 
 
+TOKENIZE_CHUNK = 1024  # records per tokenizer call while preparing
+
+
 @dataclass
 class Example:
     record: Record
@@ -54,7 +57,7 @@ class ConversationDataset(Dataset):
         self.video = video or VideoSettings()
         self.examples: list[Example]
         self.skipped: list[DataError]
-        self.examples, self.skipped = prepare_all(records, self._prepare, skip_bad)
+        self.examples, self.skipped = self._prepare_all(records, skip_bad)
 
     @classmethod
     def from_jsonl(cls, path, processor: VLMProcessor, max_length: int, skip_bad: bool = False, **kwargs):
@@ -85,7 +88,18 @@ class ConversationDataset(Dataset):
         frames = [self.video.max_slices] * n_frames
         return with_video_frames(record.conversations, [None] * len(record.images), frames, [0.0] * n_frames)[1]
 
-    def _prepare(self, record: Record) -> Example:
+    def _prepare_all(self, records: list[Record], skip_bad: bool) -> tuple[list[Example], list[DataError]]:
+        """Every record's example, tokenised a chunk of records at a time; and the records skipped."""
+        planned, skipped = prepare_all(records, self._expand, skip_bad)
+        encoded = []
+        for start in range(0, len(planned), TOKENIZE_CHUNK):
+            encoded += self.processor.tokenize_turns([turns for _, turns in planned[start : start + TOKENIZE_CHUNK]])
+        pairs = [(record, item) for (record, _), item in zip(planned, encoded)]
+        examples, more = prepare_all(pairs, self._check, skip_bad)
+        return examples, skipped + more
+
+    def _expand(self, record: Record) -> tuple[Record, list[dict]]:
+        """The record and its turns with the image placeholders laid out (from image headers alone)."""
         sizes = [self._open(record, p, decode=False).size for p in record.images]
         conversations = record.conversations
         if record.video:
@@ -95,9 +109,12 @@ class ConversationDataset(Dataset):
         budgets = self._budgets(record, len(sizes))
         plans = [self.processor.image_processor.plan(size, budget) for size, budget in zip(sizes, budgets)]
         try:
-            encoded = self.processor.encode_text(conversations, plans)
+            return record, self.processor.expand_turns(conversations, plans)
         except DataError as err:
             raise record.error(err.problem) from None
+
+    def _check(self, pair: tuple[Record, dict]) -> Example:
+        record, encoded = pair
         n = len(encoded["input_ids"])
         if n > self.max_length:
             raise record.error(f"is {n} tokens long, over max_length {self.max_length}; raise data.max_length "

@@ -184,13 +184,14 @@ def read_record_files(paths: str | list[str], skip_bad: bool = False, reader=rea
     return records, skipped
 
 
-def prepare_all(records: list[Record], prepare, skip_bad: bool) -> tuple[list, list[DataError]]:
-    """`prepare(record)` for each record: the results, and the errors of the records skipped
-    (with `skip_bad`; otherwise the first error is raised). Raises if none is left."""
+def prepare_all(items: list, prepare, skip_bad: bool) -> tuple[list, list[DataError]]:
+    """`prepare(item)` for each item (a record, or a record with what was made of it so far): the
+    results, and the errors of the items skipped (with `skip_bad`; otherwise the first error is
+    raised). Raises if none is left."""
     prepared, skipped = [], []
-    for record in records:
+    for item in items:
         try:
-            prepared.append(prepare(record))
+            prepared.append(prepare(item))
         except DataError as err:
             if not skip_bad:
                 raise

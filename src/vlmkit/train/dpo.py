@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmkit.data.dataset import Collator, ConversationDataset
-from vlmkit.data.records import Record
+from vlmkit.data.records import Record, prepare_all
 from vlmkit.errors import DataError
 from vlmkit.processing.processor import IGNORE_INDEX
 from vlmkit.train.trainer import VLMTrainer
@@ -37,6 +37,9 @@ class Pair:
 
 class PreferenceDataset(ConversationDataset):
     """Preference records as pairs of token sequences sharing the prompt and images."""
+
+    def _prepare_all(self, records: list[Record], skip_bad: bool) -> tuple[list[Pair], list[DataError]]:
+        return prepare_all(records, self._prepare, skip_bad)
 
     def _prepare(self, record: Record) -> Pair:
         if record.video:
