@@ -161,3 +161,16 @@ def test_save_pretrained_from_pretrained_round_trip_gives_identical_encodings(pr
     a, b = processor(text=prompt, images=_images(1)), loaded(text=prompt, images=_images(1))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_data_set_tokenised_in_chunks_equals_each_record_encoded_alone(processor, train_records, monkeypatch):
+    import vlmkit.data.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "TOKENIZE_CHUNK", 3)  # several chunks, one of them short
+    records = train_records[:8]
+    dataset = dataset_module.ConversationDataset(records, processor, max_length=1024)
+    assert [e.record.id for e in dataset.examples] == [r.id for r in records]
+    for example, record in zip(dataset.examples, records):
+        alone = processor.encode_text(record.conversations, processor.plans(
+            [Image.open(path) for path in record.images]))  # fmt: skip
+        assert torch.equal(example.input_ids, alone["input_ids"]) and torch.equal(example.labels, alone["labels"])
