@@ -195,3 +195,11 @@ def test_cli_train_stops_with_status_2_on_a_bad_line_and_skips_it_with_skip_bad(
     assert (out / "model.safetensors").is_file()
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["skipped_records"] == 1 and summary["n_train"] == 3 and summary["steps"] == 1
+
+
+def test_when_nothing_is_left_the_error_counts_the_records_skipped_in_every_pass(processor, good, images, tmp_path):
+    # One record fails on its image (found from headers), the other on its length (found once tokenised).
+    lines = [with_image(good[0], images["missing"], "missing"), too_long(good[1])]
+    path = write_jsonl(tmp_path / "all-bad.jsonl", lines)
+    with pytest.raises(DataError, match=r"no usable records left \(2 skipped\)"):
+        ConversationDataset.from_jsonl(path, processor, max_length=MAX_LENGTH, skip_bad=True)

@@ -95,8 +95,7 @@ class ConversationDataset(Dataset):
         for start in range(0, len(planned), TOKENIZE_CHUNK):
             encoded += self.processor.tokenize_turns([turns for _, turns in planned[start : start + TOKENIZE_CHUNK]])
         pairs = [(record, item) for (record, _), item in zip(planned, encoded)]
-        examples, more = prepare_all(pairs, self._check, skip_bad)
-        return examples, skipped + more
+        return prepare_all(pairs, self._check, skip_bad, skipped)  # the count of skipped records spans both passes
 
     def _expand(self, record: Record) -> tuple[Record, list[dict]]:
         """The record and its turns with the image placeholders laid out (from image headers alone)."""

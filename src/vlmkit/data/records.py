@@ -184,11 +184,12 @@ def read_record_files(paths: str | list[str], skip_bad: bool = False, reader=rea
     return records, skipped
 
 
-def prepare_all(items: list, prepare, skip_bad: bool) -> tuple[list, list[DataError]]:
+def prepare_all(items: list, prepare, skip_bad: bool,
+                skipped: list[DataError] | None = None) -> tuple[list, list[DataError]]:  # fmt: skip
     """`prepare(item)` for each item (a record, or a record with what was made of it so far): the
     results, and the errors of the items skipped (with `skip_bad`; otherwise the first error is
-    raised). Raises if none is left."""
-    prepared, skipped = [], []
+    raised), added to `skipped` when an earlier pass gives its own. Raises if none is left."""
+    prepared, skipped = [], [] if skipped is None else skipped
     for item in items:
         try:
             prepared.append(prepare(item))

@@ -111,8 +111,8 @@ class VLMProcessor(ProcessorMixin):
             if add_generation_prompt:
                 labels = torch.full_like(input_ids, IGNORE_INDEX)
             else:
-                mask = torch.tensor(encoded["assistant_masks"][i], dtype=torch.bool) & (input_ids != self.image_token_id)
-                labels = torch.where(mask, input_ids, IGNORE_INDEX)
+                assistant = torch.tensor(encoded["assistant_masks"][i], dtype=torch.bool)
+                labels = torch.where(assistant & (input_ids != self.image_token_id), input_ids, IGNORE_INDEX)
             out.append({"input_ids": input_ids, "labels": labels})
         return out
 
