@@ -118,6 +118,7 @@ class TrainConfig:
     packing: bool = False  # samples end to end in fewer rows, attention confined to each sample
     packing_length: int = 0  # tokens per packed row; 0: the batch's longest sample
     torch_compile: bool = False
+    optimizer: str = "adamw"  # or "muon": Muon for the LM's hidden matrices, AdamW for the rest (train/muon.py)
     fsdp: str = ""  # transformers' fsdp option, e.g. "full_shard auto_wrap"; see configs/fsdp.yaml
     fsdp_config: dict = field(default_factory=dict)
     deepspeed: str | None = None  # a DeepSpeed JSON config, e.g. configs/deepspeed-zero2.json

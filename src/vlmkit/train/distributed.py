@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vlmkit.config import TrainConfig
 from vlmkit.errors import ConfigError
-from vlmkit.train import time_budget
+from vlmkit.train import muon, time_budget
 
 
 def _world_size() -> int:
@@ -66,6 +66,7 @@ def check(t: TrainConfig) -> None:
     if t.deepspeed and t.fsdp:
         raise ConfigError("train.deepspeed and train.fsdp are both set; choose one engine")
     time_budget.check(t)  # every stage's settings pass through here, before anything is built
+    muon.check(t)
     if not t.deepspeed:
         return
     path = Path(t.deepspeed)

@@ -95,6 +95,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         processing_class=processor,
         learning_rates=rates,
         time_budget=cfg.train.time_budget,
+        optimizer_name=cfg.train.optimizer,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())

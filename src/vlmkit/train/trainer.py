@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from vlmkit.config import LearningRates, RunConfig
 from vlmkit.errors import ConfigError
-from vlmkit.train import distributed
+from vlmkit.train import distributed, muon
 from vlmkit.train.time_budget import TimeBudget, TimeBudgetCallback
 
 # What every training stage writes beside its model.
@@ -98,8 +98,10 @@ class VLMTrainer(Trainer):
     """Trainer whose optimizer has decay/no-decay groups per module, each at its own peak rate;
     with `time_budget` (seconds) its schedule follows the clock and it stops when time is up."""
 
-    def __init__(self, *args, learning_rates: LearningRates, time_budget: float = 0.0, **kwargs):
+    def __init__(self, *args, learning_rates: LearningRates, time_budget: float = 0.0, optimizer_name: str = "adamw",
+                 **kwargs):
         self.learning_rates = learning_rates
+        self.optimizer_name = optimizer_name
         super().__init__(*args, **kwargs)
         self.time_budget = None
         if time_budget > 0:  # settings checked by time_budget.check, through distributed.check
@@ -129,5 +131,9 @@ class VLMTrainer(Trainer):
             group["params"].append(param)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         optimizer_kwargs.pop("lr", None)
-        self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
+        if self.optimizer_name == "muon":
+            names = {id(param): name for name, param in model.named_parameters()}
+            self.optimizer = muon.build(list(groups.values()), names, optimizer_kwargs)
+        else:
+            self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
         return self.optimizer

@@ -1,0 +1,99 @@
+"""`train.optimizer: muon`: torch's Muon for the LM's hidden weight matrices, AdamW for the rest.
+
+Muon orthogonalises each matrix's momentum before the step (Jordan et al., 2024), and is meant
+for the hidden layers' 2-D weights only: embeddings, the LM head, norms, biases and convolutions
+stay with AdamW. torch ships `torch.optim.Muon` but no way to run it beside AdamW as the one
+optimizer the Trainer (and its LR scheduler, checkpoints and accelerate's wrapper) expects, and
+transformers 5 names Muon without shipping it; `MuonWithAdamW` is that adapter, nothing more.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from vlmkit.config import TrainConfig
+from vlmkit.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "muon")
+
+# Moonshot's scaling ("Muon is Scalable for LLM Training"): the update's RMS matches AdamW's, so
+# a module's AdamW learning rate and weight decay carry over to its Muon matrices.
+ADJUST_LR = "match_rms_adamw"
+
+
+def check(t: TrainConfig) -> None:
+    """Raise ConfigError for an unknown optimizer, or Muon under an engine that flattens matrices."""
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer {t.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if t.optimizer == "muon" and (t.deepspeed or t.fsdp):
+        # ZeRO and FSDP hand the optimizer flattened shards, in which a weight matrix no longer exists.
+        raise ConfigError("train.optimizer=muon needs whole weight matrices: use it with one process or DDP, "
+                          "not with train.deepspeed or train.fsdp")
+
+
+def takes_muon(name: str, param: nn.Parameter) -> bool:
+    """A hidden 2-D weight of the language model: not the embeddings, not the head."""
+    return (param.ndim == 2 and ".language_model." in f".{name}" and "embed" not in name
+            and "lm_head" not in name)  # fmt: skip
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """One optimizer over a Muon and an AdamW; `param_groups` are theirs (the same dicts), so a
+    scheduler's learning rates reach both, and the state dict holds both."""
+
+    def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], muon_kwargs: dict, adamw_kwargs: dict):
+        self.parts = []
+        if muon_groups:
+            self.parts.append(torch.optim.Muon(muon_groups, adjust_lr_fn=ADJUST_LR, **muon_kwargs))
+        if adamw_groups:
+            self.parts.append(torch.optim.AdamW(adamw_groups, **adamw_kwargs))
+        # Not Optimizer.__init__: the groups and state live in the two parts.
+        self.defaults = {}
+        for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                      "load_state_dict_post"):
+            setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
+
+    @property
+    def param_groups(self):
+        # Read from the parts each time: their load_state_dict (accelerate calls it when it wraps
+        # the optimizer) replaces their group dicts, and a list kept here would go stale.
+        return [group for part in self.parts for group in part.param_groups]
+
+    @property
+    def state(self):
+        return {param: value for part in self.parts for param, value in part.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for part in self.parts:
+            part.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict):
+        for part, saved in zip(self.parts, state_dict["parts"], strict=True):
+            part.load_state_dict(saved)
+
+
+def build(groups: list[dict], names: dict[int, str], adamw_kwargs: dict, momentum: float = 0.95) -> MuonWithAdamW:
+    """Split each parameter group into its Muon matrices and the rest, keeping rate and decay."""
+    muon_groups, adamw_groups = [], []
+    for group in groups:
+        muon = [p for p in group["params"] if takes_muon(names[id(p)], p)]
+        rest = [p for p in group["params"] if not takes_muon(names[id(p)], p)]
+        settings = {key: value for key, value in group.items() if key != "params"}
+        if muon:
+            muon_groups.append({**settings, "params": muon, "name": settings["name"] + "_muon"})
+        if rest:
+            adamw_groups.append({**settings, "params": rest})
+    return MuonWithAdamW(muon_groups, adamw_groups, {"momentum": momentum}, adamw_kwargs)
