@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from vlmkit.data.scenes import CELLS, COLOURS, SHAPES, render
+from vlmkit.data.scenes import CELLS, COLOURS, PLURALS, SHAPES, render
 from vlmkit.data.synth import CATEGORIES, HELD_OUT_PAIRS, PHRASINGS, TRAIN_PAIRS, make_record
 
 
@@ -57,6 +57,14 @@ def test_compositional_questions_are_about_held_out_objects():
 
 def _answer_from_scene(question: str, scenes) -> str | None:
     """An independent reading of the question against the scene, for the simple templates."""
+    if len(scenes) == 2:
+        noun = re.fullmatch(r"Which (?:image has|of the two images shows) more (.+)\?", question).group(1)
+        words = noun.split()
+        kind = ({} if noun == "objects" else {"colour": words[0]} if len(words) == 2
+                else {"shape": next(s for s in SHAPES if PLURALS[s] == noun)})  # fmt: skip
+        first, second = (scene.count(**kind) for scene in scenes)
+        assert first != second, question
+        return "first" if first > second else "second"
     scene = scenes[0]
     for shape in SHAPES:
         if question in (f"What colour is the {shape}?", f"Which colour does the {shape} have?"):
@@ -119,15 +127,21 @@ def test_training_turns_ask_in_both_phrasings_without_lopsided_answers():
     for index in range(400):
         record, _ = make_record(0, "train", index, turns=5)
         turns = record["conversations"]
-        kinds = [_phrasing(q["content"].replace("<image>\n", "")) for q in turns[::2]]
-        assert len({kind for kind, _ in kinds}) == len(kinds), record["id"]  # one question of each kind
+        questions = [q["content"].replace("<image>\n", "") for q in turns[::2]]
+        kinds = [_phrasing(q) for q in questions]
+        if record["category"] == "compare":  # compare turns only, each about another noun
+            nouns = {q.split(" more ")[1] for q in questions}
+            assert {kind for kind, _ in kinds} == {"compare"} and len(nouns) == len(questions), record["id"]
+        else:  # one question of each kind
+            assert len({kind for kind, _ in kinds}) == len(kinds), record["id"]
         phrasings.update(kinds)
         answers.update((kind, a["content"]) for (kind, _), a in zip(kinds, turns[1::2])
-                       if kind in ("existence", "count"))  # fmt: skip
-    for kind in ("colour", "shape", "position", "size", "count", "existence"):
+                       if kind in ("existence", "count", "compare"))  # fmt: skip
+    for kind in ("colour", "shape", "position", "size", "count", "existence", "compare"):
         share = phrasings[kind, 1] / (phrasings[kind, 0] + phrasings[kind, 1])
         assert 0.3 < share < 0.7, (kind, share)
     assert 0.35 < answers["existence", "yes"] / (answers["existence", "yes"] + answers["existence", "no"]) < 0.65
+    assert 0.35 < answers["compare", "first"] / (answers["compare", "first"] + answers["compare", "second"]) < 0.65
     counts = sum(n for (kind, _), n in answers.items() if kind == "count")
     assert answers["count", "0"] / counts < 0.3, answers
 
