@@ -82,6 +82,9 @@ def _answer_from_scene(question: str, scenes) -> str | None:
                 return "yes" if scene.count(shape, colour) else "no"
     if question in ("How many objects are there?", "Count the objects."):
         return str(len(scene.objects))
+    for shape in SHAPES:
+        if question in (f"How many {PLURALS[shape]} are there?", f"Count the {PLURALS[shape]}."):
+            return str(sum(o.shape == shape for o in scene.objects))
     return None
 
 
