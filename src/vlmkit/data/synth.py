@@ -243,8 +243,8 @@ def make_record(seed: int, split: str, index: int, turns: int = 1) -> tuple[dict
         scenes, qa = make_question(maker, category)
         qas = [qa]
         if turns > 1 and category == "compare":
-            # Other nouns than the first question's: two images pay for one record's tower passes, and with
-            # one compare turn to a record against five of every other kind, compare was learnt least.
+            # Comparisons of other nouns than the first question's. With one turn to a compare record, where
+            # the others carry five, compare got about 1 turn in 33 and was learnt least (docs/design.md).
             extra = compare_questions(maker, *scenes, asked=qa.question)
             qas += rng.sample(extra, min(turns - 1, len(extra)))
             rng.shuffle(qas)
