@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors.torch import load_file
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
 
 from vlmkit.config import ModelConfig
@@ -20,6 +21,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.model import vision
 from vlmkit.model.configuration import VLMConfig
 from vlmkit.model.modeling import VLMForConditionalGeneration
+from vlmkit.model.projectors import tag_groups
 from vlmkit.model.tokens import grid_multiple, image_token_spec
 from vlmkit.processing.image_processing import CLIP_MEAN, CLIP_STD, VLMImageProcessor
 from vlmkit.processing.processor import VLMProcessor
@@ -104,6 +106,21 @@ def build_vision_tower(cfg: ModelConfig) -> tuple[torch.nn.Module, bool]:
     return AutoModel.from_config(vision_config, dtype=_dtype(cfg.dtype), **_attention(cfg, vision_config)), True
 
 
+def _projector_args(cfg: ModelConfig) -> tuple[dict, dict | None]:
+    """The projector's args, and for the tag_groups projector the tower's tags and tag head.
+
+    That projector reads the scores of the tag head the vision stage trains beside its tower,
+    so it needs such a tower; the tags go into the saved config, the head into the weights."""
+    if cfg.projector != "tag_groups":
+        return cfg.projector_args, None
+    directory = Path(cfg.vision) if cfg.vision else None
+    if directory is None or not (directory / tag_groups.HEAD_FILE).is_file():
+        raise ConfigError(f"the tag_groups projector needs model.vision to be a tower from the vision stage "
+                          f"(train.stage: vision), with its {tag_groups.HEAD_FILE}; got {cfg.vision!r}")  # fmt: skip
+    tags = json.loads((directory / tag_groups.TAGS_FILE).read_text())
+    return {**cfg.projector_args, "tags": tags}, load_file(str(directory / tag_groups.HEAD_FILE))
+
+
 def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None = None, tokenizer=None) -> Built:
     """Build (or load) the model and processor described by `cfg`.
 
@@ -145,13 +162,16 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
                "bos_token_id": tokenizer.bos_token_id}  # fmt: skip
     for key, value in special.items():
         setattr(lm.config, key, value)
+    projector_args, tag_head = _projector_args(cfg)
     config = VLMConfig(
         vision_config=tower.config, text_config=lm.config, projector_type=cfg.projector,
-        projector_args=cfg.projector_args, vision_feature_layer=cfg.vision_feature_layer,
+        projector_args=projector_args, vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_size=cfg.image_size,
     )  # fmt: skip
     model = VLMForConditionalGeneration(config, vision_tower=tower, language_model=lm).to(dtype)
+    if tag_head is not None:
+        model.projector.load_head(tag_head)
     # The placeholder token must never be generated: it would ask for image features that don't exist.
     model.generation_config = GenerationConfig(**special, suppress_tokens=[config.image_token_id])
     # Slices must cut into whole patches, and into whole groups of them for a pixel shuffle.

@@ -17,7 +17,8 @@ of the images (a green triangle turns red, blue or purple), with the loss on the
 
 Hand-written because no maintained library trains a transformers vision model on caption tags.
 The trained encoder is saved as a plain transformers checkpoint with its image normalisation,
-so that `model.vision=DIR` composes it with any LM (the tag head is kept beside it, unused).
+so that `model.vision=DIR` composes it with any LM; the tag head is kept beside it, for the
+`tag_groups` projector (which reads its word scores) or for nothing.
 """
 
 from __future__ import annotations
@@ -43,13 +44,12 @@ from vlmkit.data.records import Record, prepare_all, read_record_files
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.model import vision
 from vlmkit.model.build import build_vision_tower, tower_image_processor
+from vlmkit.model.projectors.tag_groups import HEAD_FILE, TAGS_FILE
 from vlmkit.processing.images import open_image
 from vlmkit.train import distributed
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, training_arguments
 
-TAGS_FILE = "tags.json"
-HEAD_FILE = "tag_head.safetensors"
 MIN_TAG_COUNT = 3  # rarer words teach nothing general and only add outputs
 MAX_POSITIVE_WEIGHT = 100.0
 # Every order of the three channels but the identity.

@@ -61,6 +61,15 @@ def pad_crops(rows: list[torch.Tensor]) -> torch.Tensor:
     return pad_sequence(rows, batch_first=True)
 
 
+def map_crops(fn, patches: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
+    """`fn(patches of the crops, grid)` on each crop's valid patches: all at once when the crops
+    share a grid, else crop by crop, zero-padded to the longest result."""
+    if len(set(grids)) == 1:
+        h, w = grids[0]
+        return fn(patches[:, : h * w], (h, w))
+    return pad_crops([fn(patches[i : i + 1, : h * w], (h, w))[0] for i, (h, w) in enumerate(grids)])
+
+
 class GridPositions(nn.Module):
     """Optional learned position embedding per token (`pos_embed: true`), added to `dim`-wide features.
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from vlmkit.errors import ConfigError
-from vlmkit.model.projectors.base import Grid, GridPositions, Projector, crop_grids, pad_crops
+from vlmkit.model.projectors.base import Grid, GridPositions, Projector, crop_grids, map_crops
 
 
 def shuffle_factor(args: dict) -> int:
@@ -75,11 +75,5 @@ class PixelShuffleProjector(Projector):
     def forward(self, features, grids):
         grids = crop_grids(grids, features, self.prefix)
         out_grids = [shuffled_grid(grid, self.factor) for grid in grids]
-        patches = features[:, self.prefix :]
-        if len(set(grids)) == 1:
-            h, w = grids[0]
-            shuffled = pixel_shuffle(patches[:, : h * w], (h, w), self.factor)
-        else:  # crops of different grids: shuffle each on its own, then pad
-            shuffled = pad_crops([pixel_shuffle(patches[i : i + 1, : h * w], (h, w), self.factor)[0]
-                                  for i, (h, w) in enumerate(grids)])  # fmt: skip
+        shuffled = map_crops(lambda p, grid: pixel_shuffle(p, grid, self.factor), features[:, self.prefix :], grids)
         return self.proj(self.positions(self.norm(shuffled), out_grids))
