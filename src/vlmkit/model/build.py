@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
 
 from vlmkit.config import ModelConfig
@@ -113,12 +113,28 @@ def _projector_args(cfg: ModelConfig) -> tuple[dict, dict | None]:
     so it needs such a tower; the tags go into the saved config, the head into the weights."""
     if cfg.projector != "tag_groups":
         return cfg.projector_args, None
-    directory = Path(cfg.vision) if cfg.vision else None
-    if directory is None or not (directory / tag_groups.HEAD_FILE).is_file():
+    directory = Path(cfg.vision).expanduser() if cfg.vision else None
+    files = [directory / name for name in (tag_groups.HEAD_FILE, tag_groups.TAGS_FILE)] if directory else []
+    if not files or not all(path.is_file() for path in files):
         raise ConfigError(f"the tag_groups projector needs model.vision to be a tower from the vision stage "
-                          f"(train.stage: vision), with its {tag_groups.HEAD_FILE}; got {cfg.vision!r}")  # fmt: skip
-    tags = json.loads((directory / tag_groups.TAGS_FILE).read_text())
-    return {**cfg.projector_args, "tags": tags}, load_file(str(directory / tag_groups.HEAD_FILE))
+                          f"(train.stage: vision), with its {tag_groups.HEAD_FILE} and {tag_groups.TAGS_FILE}; "
+                          f"got {cfg.vision!r}")  # fmt: skip
+    if "tags" in cfg.projector_args:
+        raise ConfigError(f"projector_args.tags is filled in from the tower's {tag_groups.TAGS_FILE}; leave it out")
+    head_path, tags_path = files
+    with safe_open(str(head_path), "pt") as saved:
+        head, trained_on = {key: saved.get_tensor(key) for key in saved.keys()}, saved.metadata() or {}
+    for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+        # The head scores the features it was trained on; other ones would give scores that mean nothing.
+        if key in trained_on and trained_on[key] != str(getattr(cfg, key)):
+            raise ConfigError(f"{head_path} scores the tower's {key} {trained_on[key]}, but model.{key} is "
+                              f"{getattr(cfg, key)}; set model.{key}={trained_on[key]}")  # fmt: skip
+    args = {**cfg.projector_args, "tags": json.loads(tags_path.read_text())}
+    try:
+        tag_groups.group_indices(args)
+    except ConfigError as err:
+        raise ConfigError(f"{err} ({tags_path})") from None
+    return args, head
 
 
 def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None = None, tokenizer=None) -> Built:
@@ -139,6 +155,7 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
         return Built(model, VLMProcessor.from_pretrained(directory), frozenset())
 
     dtype, random = _dtype(cfg.dtype), {"projector"}
+    projector_args, tag_head = _projector_args(cfg)  # before the slow parts, so that its errors come first
     tower, random_tower = build_vision_tower(cfg)
     if random_tower:
         random.add("vision")
@@ -162,7 +179,6 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
                "bos_token_id": tokenizer.bos_token_id}  # fmt: skip
     for key, value in special.items():
         setattr(lm.config, key, value)
-    projector_args, tag_head = _projector_args(cfg)
     config = VLMConfig(
         vision_config=tower.config, text_config=lm.config, projector_type=cfg.projector,
         projector_args=projector_args, vision_feature_layer=cfg.vision_feature_layer,
@@ -171,7 +187,7 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
     )  # fmt: skip
     model = VLMForConditionalGeneration(config, vision_tower=tower, language_model=lm).to(dtype)
     if tag_head is not None:
-        model.projector.load_head(tag_head)
+        model.projector.load_head(tag_head, str(Path(cfg.vision).expanduser() / tag_groups.HEAD_FILE))
     # The placeholder token must never be generated: it would ask for image features that don't exist.
     model.generation_config = GenerationConfig(**special, suppress_tokens=[config.image_token_id])
     # Slices must cut into whole patches, and into whole groups of them for a pixel shuffle.

@@ -241,4 +241,8 @@ def save_tower(model: TowerTagger, image_processor, out: Path) -> None:
     normalisation = {"image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
                      "size": image_processor.size}  # fmt: skip
     (out / "preprocessor_config.json").write_text(json.dumps(normalisation))
-    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
+    # Which features the head scores, so that a tag_groups projector can refuse to score others.
+    trained_on = {key: str(getattr(model.encode_config, key))
+                  for key in ("vision_feature_layer", "vision_feature_select_strategy")}  # fmt: skip
+    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE),
+              metadata=trained_on)  # fmt: skip

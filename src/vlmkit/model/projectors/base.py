@@ -10,6 +10,8 @@ args)` rows are its tokens, the rest padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,7 +63,7 @@ def pad_crops(rows: list[torch.Tensor]) -> torch.Tensor:
     return pad_sequence(rows, batch_first=True)
 
 
-def map_crops(fn, patches: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
+def map_crops(fn: Callable[[torch.Tensor, Grid], torch.Tensor], patches: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
     """`fn(patches of the crops, grid)` on each crop's valid patches: all at once when the crops
     share a grid, else crop by crop, zero-padded to the longest result."""
     if len(set(grids)) == 1:

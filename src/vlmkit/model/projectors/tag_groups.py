@@ -13,8 +13,10 @@ Why: a token that holds both an object's colour and its shape lets the LM read o
 evidence for the other. Trained on scenes that never show a blue circle, the demo's model
 learnt that no blue object is a circle, and left the compositional split's blue circles
 uncounted (count 0.58-0.65, with the cells' features and with all their word scores in one
-token alike). A token of shape scores alone carries no colour to learn that from; beside the
-features, the held-out count rose to 0.86 (design.md, fifteenth round).
+token alike). A token of shape scores alone carries no colour to learn that from: beside the
+features it lifted the held-out count to 0.76-0.86, but on a fresh clone's demo the model
+then read held-out colours worse (0.73 against 0.92), so the demo keeps `pixel_shuffle`
+(design.md, fifteenth round).
 """
 
 from __future__ import annotations
@@ -31,12 +33,18 @@ HEAD_FILE = "tag_head.safetensors"  # written by the vision stage beside its tow
 TAGS_FILE = "tags.json"
 
 
-def tag_groups(args: dict) -> list[list[int]]:
-    """Indices into `args["tags"]` of the words of each of `args["groups"]`."""
+def group_indices(args: dict) -> list[list[int]]:
+    """Indices into `args["tags"]` of the words of each of `args["groups"]`, checked."""
     tags, groups = args.get("tags"), args.get("groups")
     if not tags or not groups:
         raise ConfigError("the tag_groups projector needs projector_args.groups (lists of tag words) and a tower "
                           f"from the vision stage (model.vision, with its {TAGS_FILE} and {HEAD_FILE})")  # fmt: skip
+    if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(group, (list, tuple)) and all(isinstance(word, str) for word in group) for group in groups):
+        raise ConfigError(f"projector_args.groups must be a list of lists of words, e.g. [[circle, square], "
+                          f"[red, blue]], not {groups!r}")  # fmt: skip
+    if not isinstance(args.get("features", False), bool):
+        raise ConfigError(f"projector_args.features must be true or false, not {args['features']!r}")
     index = {tag: i for i, tag in enumerate(tags)}
     missing = sorted({word for group in groups for word in group if word not in index})
     if missing:
@@ -49,7 +57,8 @@ def tag_groups(args: dict) -> list[list[int]]:
 
 
 def tokens_per_cell(args: dict) -> int:
-    return len(tag_groups(args)) + bool(args.get("features", False))
+    """The features' token (with `features: true`), then one per group."""
+    return len(group_indices(args)) + bool(args.get("features", False))
 
 
 class TagGroupProjector(Projector):
@@ -64,7 +73,7 @@ class TagGroupProjector(Projector):
     def __init__(self, vision_dim: int, text_dim: int, args: dict, grid: Grid, prefix: int):
         super().__init__()
         self.prefix, self.factor = prefix, shuffle_factor(args)
-        self.groups = tag_groups(args)
+        self.groups = group_indices(args)
         self.features = None
         if args.get("features", False):
             self.features = PixelShuffleProjector(vision_dim, text_dim, {"factor": self.factor, "pos_embed": True},
@@ -75,8 +84,10 @@ class TagGroupProjector(Projector):
         self.register_buffer("head_weight", head.weight.detach().clone())
         self.register_buffer("head_bias", head.bias.detach().clone())
         self.proj = nn.ModuleList(nn.Linear(len(group), text_dim) for group in self.groups)
+        # Added after the projection, at unit scale: the projected scores are of about that size,
+        # and with embeddings started at 0.02 the model placed objects worse (position 0.81 against
+        # 0.99; design.md). One position per cell, shared by its group tokens (resized for other grids).
         self.group_embedding = nn.Parameter(torch.randn(len(self.groups), text_dim))
-        # One learned position per cell, shared by the cell's group tokens (resized for other grids).
         self.positions = GridPositions(shuffled_grid(grid, self.factor), 0, text_dim, True)
 
     grid_multiple = PixelShuffleProjector.grid_multiple  # cells are the pixel shuffle's blocks
@@ -85,8 +96,13 @@ class TagGroupProjector(Projector):
     def output_tokens(grid: Grid, prefix: int, args: dict) -> int:
         return PixelShuffleProjector.output_tokens(grid, prefix, args) * tokens_per_cell(args)
 
-    def load_head(self, state: dict[str, torch.Tensor]) -> None:
+    def load_head(self, state: dict[str, torch.Tensor], source: str = HEAD_FILE) -> None:
         """Copy in the vision stage's tag head (its `weight` and `bias`, as saved in HEAD_FILE)."""
+        shapes = {"weight": tuple(self.head_weight.shape), "bias": tuple(self.head_bias.shape)}
+        got = {key: tuple(value.shape) for key, value in state.items()}
+        if got != shapes:
+            raise ConfigError(f"{source} holds {got}, but this tower and its tags need {shapes}; the head and the "
+                              f"tower come from different runs: re-run the vision stage")  # fmt: skip
         with torch.no_grad():
             self.head_weight.copy_(state["weight"])
             self.head_bias.copy_(state["bias"])
