@@ -124,7 +124,7 @@ def _projector_args(cfg: ModelConfig) -> tuple[dict, dict | None]:
     head_path, tags_path = files
     with safe_open(str(head_path), "pt") as saved:
         head, trained_on = {key: saved.get_tensor(key) for key in saved.keys()}, saved.metadata() or {}
-    for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+    for key in tag_groups.HEAD_FEATURE_KEYS:
         # The head scores the features it was trained on; other ones would give scores that mean nothing.
         if key in trained_on and trained_on[key] != str(getattr(cfg, key)):
             raise ConfigError(f"{head_path} scores the tower's {key} {trained_on[key]}, but model.{key} is "

@@ -44,7 +44,7 @@ from vlmkit.data.records import Record, prepare_all, read_record_files
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.model import vision
 from vlmkit.model.build import build_vision_tower, tower_image_processor
-from vlmkit.model.projectors.tag_groups import HEAD_FILE, TAGS_FILE
+from vlmkit.model.projectors.tag_groups import HEAD_FEATURE_KEYS, HEAD_FILE, TAGS_FILE
 from vlmkit.processing.images import open_image
 from vlmkit.train import distributed
 from vlmkit.train.progress import ProgressBar
@@ -242,7 +242,6 @@ def save_tower(model: TowerTagger, image_processor, out: Path) -> None:
                      "size": image_processor.size}  # fmt: skip
     (out / "preprocessor_config.json").write_text(json.dumps(normalisation))
     # Which features the head scores, so that a tag_groups projector can refuse to score others.
-    trained_on = {key: str(getattr(model.encode_config, key))
-                  for key in ("vision_feature_layer", "vision_feature_select_strategy")}  # fmt: skip
+    trained_on = {key: str(getattr(model.encode_config, key)) for key in HEAD_FEATURE_KEYS}
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE),
               metadata=trained_on)  # fmt: skip

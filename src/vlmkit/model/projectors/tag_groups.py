@@ -31,6 +31,8 @@ from vlmkit.model.projectors.pixel_shuffle import PixelShuffleProjector, pixel_s
 
 HEAD_FILE = "tag_head.safetensors"  # written by the vision stage beside its tower, with TAGS_FILE
 TAGS_FILE = "tags.json"
+# The head file's metadata: which features of the tower its scores are for.
+HEAD_FEATURE_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
 
 
 def group_indices(args: dict) -> list[list[int]]:
