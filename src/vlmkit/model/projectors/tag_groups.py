@@ -12,11 +12,12 @@ learned cell and group embedding, is one more token. Tokens come cell by cell.
 Why: a token that holds both an object's colour and its shape lets the LM read one as
 evidence for the other. Trained on scenes that never show a blue circle, the demo's model
 learnt that no blue object is a circle, and left the compositional split's blue circles
-uncounted (count 0.58-0.65, with the cells' features and with all their word scores in one
+uncounted (count 0.49-0.65, with the cells' features and with all their word scores in one
 token alike). A token of shape scores alone carries no colour to learn that from: beside the
-features it lifted the held-out count to 0.76-0.86, but on a fresh clone's demo the model
-then read held-out colours worse (0.73 against 0.92), so the demo keeps `pixel_shuffle`
-(design.md, fifteenth round).
+features it lifted the held-out count (0.66-0.96 over ten runs) and compositional accuracy
+(6-13 points on matched seeds), but in six of those runs the model swapped the two columns of
+a row ("top left" for "top right"; test position 0.79-0.93), so the demo keeps `pixel_shuffle`
+(design.md, fifteenth and sixteenth rounds).
 """
 
 from __future__ import annotations
