@@ -15,7 +15,7 @@ learnt that no blue object is a circle, and left the compositional split's blue 
 uncounted (count 0.49-0.65, with the cells' features and with all their word scores in one
 token alike). A token of shape scores alone carries no colour to learn that from: beside the
 features it lifted the held-out count (0.66-0.96 over ten runs) and compositional accuracy
-(6-13 points on matched seeds), but in six of those runs the model swapped the two columns of
+(9-10 points on matched seeds), but in six of those runs the model swapped the two columns of
 a row ("top left" for "top right"; test position 0.79-0.93), so the demo keeps `pixel_shuffle`
 (design.md, fifteenth and sixteenth rounds).
 """
