@@ -16,8 +16,9 @@ uncounted (count 0.49-0.65, with the cells' features and with all their word sco
 token alike). A token of shape scores alone carries no colour to learn that from: beside the
 features it lifted the held-out count (0.66-0.96 over ten runs) and compositional accuracy
 (9-10 points on matched seeds), but in six of those runs the model swapped the two columns of
-a row ("top left" for "top right"; test position 0.79-0.93), so the demo keeps `pixel_shuffle`
-(design.md, fifteenth and sixteenth rounds).
+a row ("top left" for "top right"; test position 0.79-0.93), giving the corner of the row's
+other object, and no position code for the shape token stopped that, so the demo keeps
+`pixel_shuffle` (design.md, fifteenth to seventeenth rounds).
 """
 
 from __future__ import annotations
