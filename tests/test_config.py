@@ -49,3 +49,20 @@ def test_config_file_errors_name_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("command", [["train"], ["dpo"], ["retriever", "train"]])
+def test_every_set_flag_is_kept(command):
+    # `--set a=1 --set b=2` once kept only b=2: the first overrides were dropped without a word.
+    from vlmkit.cli import build_parser
+
+    args = build_parser().parse_args([*command, "--set", "train.seed=3", "train.lr.lm=0.5", "--set", "train.bf16=true"])
+    assert args.set == ["train.seed=3", "train.lr.lm=0.5", "train.bf16=true"]
+    cfg = load_config(None, args.set)
+    assert (cfg.train.seed, cfg.train.lr.lm, cfg.train.bf16) == (3, 0.5, True)
+
+
+def test_no_set_flag_means_no_overrides():
+    from vlmkit.cli import build_parser
+
+    assert build_parser().parse_args(["train"]).set == []

@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--seed", type=int)
         train.add_argument("--skip-bad", action="store_true", help="skip bad records (reported) instead of stopping")
         train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output dir")
-        train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config values (train.lr.lm=1e-4)")
+        # extend, not store: with store, a second --set silently dropped the first one's overrides
+        train.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                           help="override config values (train.lr.lm=1e-4); may be given more than once")
         train.set_defaults(func=_train if name == "train" else lambda args: _train(args, stage="dpo"))
 
     ev = commands.add_parser("eval", help="answer a JSONL split and score exact match per category")

@@ -198,7 +198,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rtrain.add_argument("--grad-cache-micro-batch-size", type=int)
     rtrain.add_argument("--max-steps", type=int)
     rtrain.add_argument("--seed", type=int)
-    rtrain.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config values")
+    rtrain.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config values; may be given more than once")
     rtrain.set_defaults(func=_retriever_train)
     rindex = retriever.add_parser("index", help="encode a page store into an index (sharded under torchrun)")
     rindex.add_argument("--model", required=True)
