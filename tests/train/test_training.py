@@ -215,6 +215,18 @@ def test_first_losses_are_deterministic_and_start_at_log_vocab_size(synth_dir, t
         assert abs(trainer.losses[0] - math.log(vocab)) < 0.5, (trainer.losses[0], math.log(vocab))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path; on a GPU bf16 needs no help")
+def test_bf16_trains_on_a_cpu_only_machine_under_autocast(synth_dir, tmp_path, recorder):
+    # The Trainer refuses bf16 with no GPU unless told `use_cpu`; then it runs the forward pass
+    # under CPU autocast, so the first losses differ from float32 only by bf16 rounding.
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        run_module.run(make_config(synth_dir, tmp_path / name, max_steps=2, bf16=bf16), log=quiet)
+    fp32, bf16 = recorder.trainers
+    assert bf16.args.bf16 and bf16.args.use_cpu
+    assert bf16.losses != fp32.losses  # autocast was really on
+    assert bf16.losses == pytest.approx(fp32.losses, rel=2e-2)
+
+
 # --- d. which modules train --------------------------------------------------------------------------
 
 

@@ -31,6 +31,15 @@ def multi_process_cpu() -> bool:
     return _world_size() > 1 and not torch.cuda.is_available()
 
 
+def use_cpu(t: TrainConfig) -> bool:
+    """The Trainer's `use_cpu`: for several CPU processes, and for bf16 with no GPU, which the Trainer
+    otherwise refuses ("doesn't support bf16/gpu") although autocast runs it on the CPU."""
+    import torch
+
+    accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
+    return multi_process_cpu() or (t.bf16 and not accelerator)
+
+
 def _value(config: dict, dotted: str):
     node = config
     for part in dotted.split("."):

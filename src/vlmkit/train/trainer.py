@@ -60,7 +60,7 @@ def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> 
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         torch_compile=t.torch_compile,
-        use_cpu=distributed.multi_process_cpu(),
+        use_cpu=distributed.use_cpu(t),
         # A text-only batch leaves the vision tower and projector without gradients on its process; DDP
         # must be told, or it waits for them (the Trainer's default stops telling it under checkpointing).
         ddp_find_unused_parameters=True,
