@@ -68,3 +68,41 @@ def test_a_muon_run_resumed_from_its_checkpoint_ends_with_the_same_weights(synth
 def test_unknown_optimizers_and_muon_under_sharding_engines_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
         muon.check(TrainConfig(**settings))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_grouped_muon_steps_as_torchs_muon(nesterov):
+    # Square, wide and tall matrices, two of each shape, two groups: the stacked Newton-Schulz run
+    # must give every matrix the update torch's one-at-a-time Muon gives it, step after step.
+    shapes = [(24, 24), (24, 24), (16, 40), (16, 40), (40, 16), (40, 16)]
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+
+    def trained(optimizer_class):
+        params = [torch.nn.Parameter(tensor.clone()) for tensor in start]
+        groups = [{"params": params[:3], "lr": 0.02}, {"params": params[3:], "lr": 0.01, "weight_decay": 0.0}]
+        optimizer = optimizer_class(groups, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=muon.ADJUST_LR)
+        for step_grads in grads:
+            for param, grad in zip(params, step_grads):
+                param.grad = grad.clone()
+            optimizer.step()
+        return params, optimizer
+
+    reference, torch_optimizer = trained(torch.optim.Muon)
+    grouped, grouped_optimizer = trained(muon.GroupedMuon)
+    for ours, theirs, before in zip(grouped, reference, start):
+        assert (ours - before).abs().max() > 1e-3  # it did step
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    # The same state, so checkpoints of either load into the other.
+    ours, theirs = grouped_optimizer.state_dict(), torch_optimizer.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"]
+    for index, state in theirs["state"].items():
+        torch.testing.assert_close(ours["state"][index]["momentum_buffer"], state["momentum_buffer"])
+
+
+@pytest.mark.parametrize("shape, fn", [((160, 448), muon.ADJUST_LR), ((448, 160), "original"), ((16, 40), None)])
+def test_grouped_muon_scales_the_rate_as_torch_does(shape, fn):
+    from torch.optim._muon import _adjust_lr  # private: checked here so that ours cannot drift from it
+
+    assert muon.adjusted_lr(0.02, fn, torch.Size(shape)) == pytest.approx(_adjust_lr(0.02, fn, torch.Size(shape)))

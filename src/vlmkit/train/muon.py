@@ -4,11 +4,17 @@ Muon orthogonalises each matrix's momentum before the step (Jordan et al., 2024)
 for the hidden layers' 2-D weights only: embeddings, the LM head, norms, biases and convolutions
 stay with AdamW. torch ships `torch.optim.Muon` but no way to run it beside AdamW as the one
 optimizer the Trainer (and its LR scheduler, checkpoints and accelerate's wrapper) expects, and
-transformers 5 names Muon without shipping it; `MuonWithAdamW` is that adapter, nothing more.
+transformers 5 names Muon without shipping it; `MuonWithAdamW` is that adapter.
+
+torch's Muon also orthogonalises one matrix at a time (its `foreach` option raises
+NotImplementedError), and a small model's step then pays the fixed cost of some 40 tiny
+operations per matrix; `GroupedMuon` stacks the matrices of one shape and runs the same
+Newton-Schulz iteration on the stack.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -40,6 +46,56 @@ def takes_muon(name: str, param: nn.Parameter) -> bool:
             and "lm_head" not in name)  # fmt: skip
 
 
+def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float) -> torch.Tensor:
+    """torch's `_zeropower_via_newtonschulz` over a stack of (n, rows, cols) matrices at once."""
+    a, b, c = coefficients
+    x = updates.bfloat16()
+    tall = x.size(1) > x.size(2)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """The rate torch's Muon applies to a matrix of this shape (its private `_adjust_lr`)."""
+    rows, cols = shape
+    if adjust_lr_fn == ADJUST_LR:
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(max(1, rows / cols))
+
+
+class GroupedMuon(torch.optim.Muon):
+    """torch's Muon (same settings, state and checkpoints) with one Newton-Schulz run per shape."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            if not params:
+                continue
+            lr, momentum = group["lr"], group["momentum"]
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            updates = [g.lerp(m, momentum) for g, m in zip(grads, buffers)] if group["nesterov"] else buffers
+            by_shape: dict[torch.Size, list[int]] = {}
+            for i, param in enumerate(params):
+                by_shape.setdefault(param.shape, []).append(i)
+            for shape, indices in by_shape.items():
+                stack = torch.stack([updates[i] for i in indices])
+                ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                same = [params[i] for i in indices]
+                torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
+                rate = adjusted_lr(lr, group["adjust_lr_fn"], shape)
+                torch._foreach_add_(same, list(ortho.to(same[0].dtype).unbind(0)), alpha=-rate)
+        return loss
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """One optimizer over a Muon and an AdamW; `param_groups` are theirs (the same dicts), so a
     scheduler's learning rates reach both, and the state dict holds both."""
@@ -47,7 +103,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], muon_kwargs: dict, adamw_kwargs: dict):
         self.parts = []
         if muon_groups:
-            self.parts.append(torch.optim.Muon(muon_groups, adjust_lr_fn=ADJUST_LR, **muon_kwargs))
+            self.parts.append(GroupedMuon(muon_groups, adjust_lr_fn=ADJUST_LR, **muon_kwargs))
         if adamw_groups:
             self.parts.append(torch.optim.AdamW(adamw_groups, **adamw_kwargs))
         # Not Optimizer.__init__: the groups and state live in the two parts.
