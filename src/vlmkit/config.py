@@ -112,7 +112,7 @@ class TrainConfig:
     logging_steps: int = 10
     output_dir: str = "runs/train"
     resume: bool = False  # continue from the newest checkpoint in output_dir
-    bf16: bool = False
+    bf16: bool | str = False  # or "auto": where this machine multiplies bf16 faster (train/precision.py)
     gradient_checkpointing: bool = False  # for the LM and the vision encoder
     report_to: list = field(default_factory=lambda: ["tensorboard"])
     packing: bool = False  # samples end to end in fewer rows, attention confined to each sample

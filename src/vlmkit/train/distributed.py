@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vlmkit.config import TrainConfig
 from vlmkit.errors import ConfigError
-from vlmkit.train import muon, time_budget
+from vlmkit.train import muon, precision, time_budget
 
 
 def _world_size() -> int:
@@ -37,7 +37,7 @@ def use_cpu(t: TrainConfig) -> bool:
     import torch
 
     accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
-    return multi_process_cpu() or (t.bf16 and not accelerator)
+    return multi_process_cpu() or (precision.bf16_enabled(t.bf16) and not accelerator)
 
 
 def _value(config: dict, dotted: str):
@@ -56,7 +56,7 @@ def deepspeed_mismatches(ds: dict, t: TrainConfig, world_size: int) -> list[str]
         "gradient_accumulation_steps": (t.grad_accum, "train.grad_accum"),
         "train_batch_size": (t.batch_size * t.grad_accum * world_size, "train.batch_size * grad_accum * processes"),
         "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm"),
-        "bf16.enabled": (t.bf16, "train.bf16"),
+        "bf16.enabled": (precision.bf16_enabled(t.bf16), "train.bf16"),
         "fp16.enabled": (False, "vlmkit's float32/bf16 training"),
     }
     problems = []
@@ -75,6 +75,7 @@ def check(t: TrainConfig) -> None:
     if t.deepspeed and t.fsdp:
         raise ConfigError("train.deepspeed and train.fsdp are both set; choose one engine")
     time_budget.check(t)  # every stage's settings pass through here, before anything is built
+    precision.check(t.bf16)
     muon.check(t)
     if not t.deepspeed:
         return

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from vlmkit.config import LearningRates, RunConfig
 from vlmkit.errors import ConfigError
-from vlmkit.train import distributed, muon
+from vlmkit.train import distributed, muon, precision
 from vlmkit.train.time_budget import TimeBudget, TimeBudgetCallback
 
 # What every training stage writes beside its model.
@@ -51,7 +51,7 @@ def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> 
         save_total_limit=t.save_total_limit,
         eval_strategy=("steps" if eval_every else "no") if has_eval else "no",
         eval_steps=eval_every,
-        bf16=t.bf16,
+        bf16=precision.bf16_enabled(t.bf16),
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         report_to=t.report_to,
         dataloader_num_workers=cfg.data.num_workers,
