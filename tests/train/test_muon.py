@@ -1,5 +1,6 @@
 """`train.optimizer: muon`: which parameters Muon takes, that the scheduler and the checkpoints
-reach both of its parts, and that an interrupted run resumes to the same weights."""
+reach both of its parts, that an interrupted run resumes to the same weights, and that the
+grouped Muon steps as torch's own."""
 
 import pytest
 import torch
@@ -72,20 +73,23 @@ def test_unknown_optimizers_and_muon_under_sharding_engines_are_refused(settings
 
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_grouped_muon_steps_as_torchs_muon(nesterov):
-    # Square, wide and tall matrices, two of each shape, two groups: the stacked Newton-Schulz run
-    # must give every matrix the update torch's one-at-a-time Muon gives it, step after step.
-    shapes = [(24, 24), (24, 24), (16, 40), (16, 40), (40, 16), (40, 16)]
+    # Square, wide and tall matrices, several of each shape, in two groups (one with a tensor rate);
+    # in the second step one matrix has no gradient. The stacked Newton-Schulz run must give every
+    # matrix the update torch's one-at-a-time Muon gives it, step after step.
+    shapes = [(24, 24), (24, 24), (16, 40), (16, 40), (16, 40), (40, 16), (40, 16)]
     generator = torch.Generator().manual_seed(0)
     start = [torch.randn(shape, generator=generator) for shape in shapes]
     grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+    grads[1][2] = None
 
     def trained(optimizer_class):
         params = [torch.nn.Parameter(tensor.clone()) for tensor in start]
-        groups = [{"params": params[:3], "lr": 0.02}, {"params": params[3:], "lr": 0.01, "weight_decay": 0.0}]
+        groups = [{"params": params[:5], "lr": 0.02}, {"params": params[5:], "lr": torch.tensor([0.01]),
+                                                       "weight_decay": 0.0}]  # fmt: skip
         optimizer = optimizer_class(groups, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=muon.ADJUST_LR)
         for step_grads in grads:
             for param, grad in zip(params, step_grads):
-                param.grad = grad.clone()
+                param.grad = None if grad is None else grad.clone()
             optimizer.step()
         return params, optimizer
 
@@ -94,11 +98,44 @@ def test_grouped_muon_steps_as_torchs_muon(nesterov):
     for ours, theirs, before in zip(grouped, reference, start):
         assert (ours - before).abs().max() > 1e-3  # it did step
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
-    # The same state, so checkpoints of either load into the other.
+    # The same state: a checkpoint of either loads into the other and steps on alike.
     ours, theirs = grouped_optimizer.state_dict(), torch_optimizer.state_dict()
     assert ours["param_groups"] == theirs["param_groups"]
     for index, state in theirs["state"].items():
         torch.testing.assert_close(ours["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    grouped_optimizer.load_state_dict(theirs)
+    torch_optimizer.load_state_dict(ours)
+    for params in (grouped, reference):
+        for param, grad in zip(params, grads[0]):
+            param.grad = grad.clone()
+    grouped_optimizer.step()
+    torch_optimizer.step()
+    for ours, theirs in zip(grouped, reference):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_grouped_muon_splits_large_stacks_and_runs_a_closure_with_gradients(monkeypatch):
+    monkeypatch.setattr(muon.GroupedMuon, "MAX_STACK_ELEMENTS", 2 * 24 * 24)  # stacks of two
+    generator = torch.Generator().manual_seed(1)
+    start = [torch.randn(24, 24, generator=generator) for _ in range(5)]
+    target = torch.randn(24, 24, generator=generator)
+    results = []
+    for optimizer_class in (torch.optim.Muon, muon.GroupedMuon):
+        params = [torch.nn.Parameter(tensor.clone()) for tensor in start]
+        optimizer = optimizer_class(params, lr=0.02)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = sum(((p - target) ** 2).sum() for p in params)
+            loss.backward()
+            return loss
+
+        losses = [optimizer.step(closure).item() for _ in range(3)]
+        results.append((params, losses))
+    (theirs, their_losses), (ours, our_losses) = results
+    assert our_losses == pytest.approx(their_losses) and our_losses[-1] < our_losses[0]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape, fn", [((160, 448), muon.ADJUST_LR), ((448, 160), "original"), ((16, 40), None)])

@@ -85,7 +85,8 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
         trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         (out / CONFIG_FILE).write_text(to_yaml(cfg))
-        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "n_pairs": len(train_set),
+        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
+                   "n_pairs": len(train_set),
                    "skipped_records": len(train_set.skipped), "metrics": metrics}  # fmt: skip
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         accuracy = {k: round(v, 3) for k, v in metrics.items() if "preference_accuracy" in k}

@@ -70,29 +70,41 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
 
 
 class GroupedMuon(torch.optim.Muon):
-    """torch's Muon (same settings, state and checkpoints) with one Newton-Schulz run per shape."""
+    """torch's Muon (same settings, state and checkpoints) with one Newton-Schulz run per stack of
+    same-shaped matrices. It leans on torch's `_init_group` (state and momentum buffers) and its
+    `_foreach` kernels; tests/train/test_muon.py pins every update to torch's own step."""
+
+    # A stack's float32 and bf16 copies are held at once; past this many elements it is split,
+    # so a large model's peak memory stays near torch's one-matrix-at-a-time loop.
+    MAX_STACK_ELEMENTS = 1 << 24
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
             if not params:
                 continue
-            lr, momentum = group["lr"], group["momentum"]
+            lr, momentum = float(group["lr"]), group["momentum"]  # torch allows a 1-element tensor
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = [g.lerp(m, momentum) for g, m in zip(grads, buffers)] if group["nesterov"] else buffers
-            by_shape: dict[torch.Size, list[int]] = {}
+            stacks: dict[tuple, list[int]] = {}
             for i, param in enumerate(params):
-                by_shape.setdefault(param.shape, []).append(i)
-            for shape, indices in by_shape.items():
-                stack = torch.stack([updates[i] for i in indices])
-                ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                same = [params[i] for i in indices]
-                torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
-                rate = adjusted_lr(lr, group["adjust_lr_fn"], shape)
-                torch._foreach_add_(same, list(ortho.to(same[0].dtype).unbind(0)), alpha=-rate)
+                stacks.setdefault((param.shape, param.device, param.dtype), []).append(i)
+            for (shape, _, _), indices in stacks.items():
+                per_stack = max(1, self.MAX_STACK_ELEMENTS // shape.numel())
+                for start in range(0, len(indices), per_stack):
+                    chunk = indices[start : start + per_stack]
+                    stack = torch.stack([updates[i] for i in chunk])
+                    ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                    same = [params[i] for i in chunk]
+                    torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
+                    rate = adjusted_lr(lr, group["adjust_lr_fn"], shape)
+                    torch._foreach_add_(same, list(ortho.to(same[0].dtype).unbind(0)), alpha=-rate)
         return loss
 
 
@@ -124,7 +136,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for part in self.parts:
             part.step()
         return loss

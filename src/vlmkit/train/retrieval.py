@@ -31,6 +31,7 @@ from vlmkit.model.retriever import (
     encode_inputs,
 )
 from vlmkit.processing.processor import VLMProcessor
+from vlmkit.train import distributed
 from vlmkit.train.contrastive import RetrieverTrainer
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import training_arguments
@@ -134,6 +135,7 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
     out = Path(cfg.train.output_dir)
     set_seed(cfg.train.seed)
     log(f"vlmkit retriever train: configuration\n{to_yaml(cfg)}")
+    distributed.check(cfg.train)
 
     pairs = read_pairs(cfg.data.train)
     store = PageStore(cfg.data.docs)
@@ -158,7 +160,7 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         (out / CONFIG_FILE).write_text(to_yaml(cfg))
-        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step,
+        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
                    "n_params": sum(p.numel() for p in model.parameters()), "n_pairs": len(pairs),
                    "batches_per_epoch": len(trainer.train_dataset), "metrics": dict(result.metrics),
                    "cuda": torch.cuda.is_available()}  # fmt: skip

@@ -114,7 +114,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     if trainer.is_world_process_zero():
         (out / CONFIG_FILE).write_text(to_yaml(cfg))
         skipped = train_set.skipped + (eval_set.skipped if eval_set else [])
-        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step,
+        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
                    "n_params": sum(p.numel() for p in model.parameters()), "n_train": len(train_set),
                    "skipped_records": len(skipped), "metrics": metrics}  # fmt: skip
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -224,7 +224,8 @@ def run_vision_stage(cfg: RunConfig, log=print) -> Path:
     if trainer.is_world_process_zero():
         save_tower(trainer.model, image_processor, out)  # beside the tags written before training
         (out / CONFIG_FILE).write_text(to_yaml(cfg))
-        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "n_train": len(dataset),
+        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
+                   "n_train": len(dataset),
                    "skipped_records": len(skipped), "n_params": sum(p.numel() for p in tower.parameters()),
                    "n_tags": len(vocabulary), "metrics": dict(result.metrics)}  # fmt: skip
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
