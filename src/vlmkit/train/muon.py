@@ -7,9 +7,9 @@ optimizer the Trainer (and its LR scheduler, checkpoints and accelerate's wrappe
 transformers 5 names Muon without shipping it; `MuonWithAdamW` is that adapter.
 
 torch's Muon also orthogonalises one matrix at a time (its `foreach` option raises
-NotImplementedError), and a small model's step then pays the fixed cost of some 40 tiny
-operations per matrix; `GroupedMuon` stacks the matrices of one shape and runs the same
-Newton-Schulz iteration on the stack.
+NotImplementedError); small matrices one by one keep two cores poorly busy. `GroupedMuon`
+stacks the matrices of one shape and runs the same Newton-Schulz iteration on the stack: in the
+demo's SFT the optimizer step fell from 12% to 7% of the time sampled (docs/finetuning.md).
 """
 
 from __future__ import annotations
