@@ -72,6 +72,10 @@ class DataConfig:
     # such an image (its colours are no longer the caption's).
     channel_shuffle: float = 0.0
     colour_words: list = field(default_factory=list)
+    # The share of training records (a fixed set, drawn with train.seed) that see blank images
+    # instead of theirs, answers kept: the model learns that a blank image tells it nothing and
+    # answers such questions from its prior, which is what `vlmkit eval --blind` then measures.
+    blank_image_rate: float = 0.0
 
 
 @dataclass

@@ -9,15 +9,16 @@ out and counted, never silently replaced by another one.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
 from vlmkit.data.records import Record, prepare_all, read_records
-from vlmkit.errors import DataError
+from vlmkit.errors import ConfigError, DataError
 from vlmkit.processing.image_processing import concat_image_inputs
-from vlmkit.processing.images import open_image
+from vlmkit.processing.images import blank_like, open_image
 from vlmkit.processing.processor import IGNORE_INDEX, VLMProcessor
 from vlmkit.processing.video import probe_video, read_video, with_video_frames
 
@@ -52,12 +53,18 @@ class ConversationDataset(Dataset):
     """Examples for supervised training: `input_ids`, `labels`, `pixel_values` per item."""
 
     def __init__(self, records: list[Record], processor: VLMProcessor, max_length: int, skip_bad: bool = False,
-                 max_pixels: int | None = None, video: VideoSettings | None = None):  # fmt: skip
+                 max_pixels: int | None = None, video: VideoSettings | None = None, blank_image_rate: float = 0.0,
+                 seed: int = 0):  # fmt: skip
         self.processor, self.max_length, self.max_pixels = processor, max_length, max_pixels
         self.video = video or VideoSettings()
         self.examples: list[Example]
         self.skipped: list[DataError]
         self.examples, self.skipped = self._prepare_all(records, skip_bad)
+        if not 0.0 <= blank_image_rate <= 1.0:
+            raise ConfigError(f"data.blank_image_rate must be between 0 and 1, not {blank_image_rate}")
+        draws = random.Random(seed)
+        # A fixed set of examples, so that every epoch and a resumed run see the same data.
+        self.blank = frozenset(i for i in range(len(self.examples)) if draws.random() < blank_image_rate)
 
     @classmethod
     def from_jsonl(cls, path, processor: VLMProcessor, max_length: int, skip_bad: bool = False, **kwargs):
@@ -133,6 +140,8 @@ class ConversationDataset(Dataset):
         example = self.examples[index]
         record = example.record
         images = [self._open(record, p, decode=True) for p in record.images]
+        if index in self.blank:
+            images = [blank_like(image, self.processor.image_processor.image_mean) for image in images]
         if record.video:
             frames, times = self._video(record, decode=True)
             _, images = with_video_frames(record.conversations, images, frames, times)

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmkit.data.records import Record
-from vlmkit.processing.images import open_image
+from vlmkit.processing.images import blank_like, open_image
 from vlmkit.processing.processor import VLMProcessor
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -65,11 +65,6 @@ def questions_of(records: list[Record], processor: VLMProcessor) -> list[Questio
     return out
 
 
-def _blank_like(image: Image.Image, processor: VLMProcessor) -> Image.Image:
-    fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
-    return Image.new("RGB", image.size, fill)
-
-
 @torch.no_grad()
 def answer_questions(model, processor: VLMProcessor, questions: list[Question], blind: bool = False,
                      batch_size: int = 32, max_new_tokens: int = 16, progress: bool = True) -> list[str]:  # fmt: skip
@@ -88,7 +83,7 @@ def answer_questions(model, processor: VLMProcessor, questions: list[Question], 
             ids[row, longest - n:], mask[row, longest - n:] = q.prompt["input_ids"], 1
             for path in q.record.images[: q.prompt["n_images"]]:
                 image = open_image(path)
-                images.append(_blank_like(image, processor) if blind else image)
+                images.append(blank_like(image, processor.image_processor.image_mean) if blind else image)
         inputs = {"input_ids": ids, "attention_mask": mask} | processor.image_inputs(images)
         generated = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, do_sample=False,
                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip

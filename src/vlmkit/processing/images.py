@@ -47,3 +47,9 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt pixel data
         raise DataError(f"image data is corrupt or truncated ({err})", name) from None
+
+
+def blank_like(image: Image.Image, mean: list[float]) -> Image.Image:
+    """An image of the same size in one colour, the processor's mean: it normalises to all zeros,
+    so it shows the model nothing (`vlmkit eval --blind`, `data.blank_image_rate`)."""
+    return Image.new("RGB", image.size, tuple(round(255 * m) for m in mean))

@@ -80,7 +80,8 @@ def run(cfg: RunConfig, log=print) -> Path:
     kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels,
               "video": VideoSettings(cfg.data.video_frames, cfg.data.video_fps, cfg.data.video_max_frames,
                                      cfg.data.video_max_slices)}  # fmt: skip
-    train_set = ConversationDataset(records, processor, **kwargs)
+    train_set = ConversationDataset(records, processor, **kwargs, blank_image_rate=cfg.data.blank_image_rate,
+                                    seed=cfg.train.seed)
     train_set.skipped = bad_lines + train_set.skipped
     eval_set = ConversationDataset.from_jsonl(cfg.data.eval, processor, **kwargs) if cfg.data.eval else None
 

@@ -170,7 +170,7 @@ def _check(cfg: RunConfig) -> None:
                    "model.slicing": cfg.model.slicing, "train.fsdp": cfg.train.fsdp,
                    "train.deepspeed": cfg.train.deepspeed,
                    "train.gradient_checkpointing": cfg.train.gradient_checkpointing,
-                   "train.time_budget": cfg.train.time_budget}  # fmt: skip
+                   "train.time_budget": cfg.train.time_budget, "data.blank_image_rate": cfg.data.blank_image_rate}  # fmt: skip
     given = [name for name, value in unsupported.items() if value]
     if given:
         raise ConfigError(f"train.stage=vision does not support {', '.join(given)}; unset them (the stage trains one "
