@@ -61,6 +61,14 @@ def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float
     return x.mT if tall else x
 
 
+def _closure_loss(closure):
+    """Run an optimizer's closure as torch's optimizers do: with gradients on, inside `no_grad` steps."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     """The rate torch's Muon applies to a matrix of this shape (its private `_adjust_lr`)."""
     rows, cols = shape
@@ -80,10 +88,7 @@ class GroupedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
@@ -136,10 +141,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for part in self.parts:
             part.step()
         return loss
