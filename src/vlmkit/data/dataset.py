@@ -55,13 +55,13 @@ class ConversationDataset(Dataset):
     def __init__(self, records: list[Record], processor: VLMProcessor, max_length: int, skip_bad: bool = False,
                  max_pixels: int | None = None, video: VideoSettings | None = None, blank_image_rate: float = 0.0,
                  seed: int = 0):  # fmt: skip
+        if not 0.0 <= blank_image_rate <= 1.0:  # before the records are prepared, which takes a while
+            raise ConfigError(f"data.blank_image_rate must be between 0 and 1, not {blank_image_rate}")
         self.processor, self.max_length, self.max_pixels = processor, max_length, max_pixels
         self.video = video or VideoSettings()
         self.examples: list[Example]
         self.skipped: list[DataError]
         self.examples, self.skipped = self._prepare_all(records, skip_bad)
-        if not 0.0 <= blank_image_rate <= 1.0:
-            raise ConfigError(f"data.blank_image_rate must be between 0 and 1, not {blank_image_rate}")
         draws = random.Random(seed)
         # A fixed set of examples, so that every epoch and a resumed run see the same data.
         self.blank = frozenset(i for i in range(len(self.examples)) if draws.random() < blank_image_rate)
