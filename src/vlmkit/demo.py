@@ -39,7 +39,7 @@ DEFAULT_TIME_BUDGET = 840.0
 RESERVE_SECONDS = 60.0  # SFT's data preparation and the three evaluations: about 40 s on a slow host
 MIN_SFT_SECONDS = 120.0  # less would teach little: better late than useless
 MAX_SFT_STEPS = 9600  # past where the runs measured
-# The fresh clones in docs/results.md made 6,715 and 7,249 SFT steps in about 600 s with bf16
+# The fresh clones in docs/results.md made 6,470-7,249 SFT steps in about 600 s with bf16
 # products (float32 clones 3,800-4,500 in about 550 s); with much less time the demo still ends,
 # far less trained.
 SHORT_SFT_SECONDS = 300.0
@@ -74,7 +74,7 @@ def _train_stage(name: str, data: Path, out: Path, quick: bool, *overrides: str)
     if cfg.data.tokenizer_data:
         cfg.data.tokenizer_data = _in_data_dir(cfg.data.tokenizer_data, data)
     run(cfg)
-    return json.loads((out / SUMMARY_FILE).read_text())
+    return {**json.loads((out / SUMMARY_FILE).read_text()), "blank_image_rate": cfg.data.blank_image_rate}
 
 
 def _report(metrics: dict, rows: list[dict]) -> None:
@@ -83,7 +83,8 @@ def _report(metrics: dict, rows: list[dict]) -> None:
     print(f"test accuracy          {metrics['accuracy']:.3f}")
     print(f"compositional accuracy {metrics['compositional_accuracy']:.3f}")
     print(f"blind accuracy         {metrics['blind_accuracy']:.3f}  (majority baseline "
-          f"{metrics['majority_baseline']:.3f})")  # fmt: skip
+          f"{metrics['majority_baseline']:.3f}; {metrics['sft_blank_image_rate']:.0%} of the SFT "
+          f"records had blank images)")  # fmt: skip
     for name, value in sorted(metrics["by_category"].items()):
         print(f"  {name:<12} {value:.3f}")
     print("sample answers:")
@@ -137,7 +138,8 @@ def run_demo(out: Path, data: Path, quick: bool = False, time_budget: float | No
         "stage_seconds": {name: stage["train_seconds"] for name, stage in zip(("vision", "align", "sft"), stages)},
         "stage_bf16": {name: stage["bf16"] for name, stage in zip(("vision", "align", "sft"), stages)},
         "total_seconds": time.perf_counter() - start,
-        "sft_steps": stages[-1]["steps"], "n_params": stages[-1]["n_params"], "quick": quick,
+        "sft_steps": stages[-1]["steps"], "sft_blank_image_rate": stages[-1]["blank_image_rate"],
+        "n_params": stages[-1]["n_params"], "quick": quick,
     }  # fmt: skip
     path = out / "metrics.json"
     tmp = path.with_suffix(".tmp")
