@@ -226,7 +226,12 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, client, lo
     body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 400}
     assert client.chat.completions.create(**body).usage.completion_tokens == 400  # it would go on that long
     steps = []
-    hook = model.language_model.register_forward_hook(lambda *args: steps.append(1))
+
+    def step(*args) -> None:
+        steps.append(1)
+        time.sleep(0.01)  # a floor on each step, so that the check below does not hang on the host's speed
+
+    hook = model.language_model.register_forward_hook(step)
     try:
         with httpx.Client(base_url=server, timeout=60) as http:
             with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True},

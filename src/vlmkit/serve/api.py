@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from typing import AsyncIterator, Iterator
 
 import torch
@@ -156,7 +156,7 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if chat.stream:
             usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(sse(items, reply, prompt_tokens, usage), media_type="text/event-stream")
+            return ClosingStreamingResponse(sse(items, reply, prompt_tokens, usage), media_type="text/event-stream")
         text, finished = "", None
         async for item in items:
             if isinstance(item, Finished):
@@ -195,25 +195,44 @@ def usage_of(prompt_tokens: int, finished: Finished) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body when it ends, whether or not the client stayed.
+
+    When the client leaves, Starlette cancels the stream wherever it waits; if that is in `send`,
+    the body generator is left open for the garbage collector, and until it runs the engine's
+    `finally`, which stops generation, does not: the abandoned reply kept generating.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 async def sse(items: AsyncIterator, reply: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events as OpenAI streams them: role, content pieces, finish reason, [usage], [DONE]."""
+    """Server-sent events as OpenAI streams them: role, content pieces, finish reason, [usage], [DONE].
+
+    Closing this generator closes `items` too, which stops the generation behind them.
+    """
 
     def event(choices: list, **extra) -> str:
         return f"data: {json.dumps(reply | {'object': 'chat.completion.chunk', 'choices': choices} | extra)}\n\n"
 
-    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-    try:
-        async for item in items:
-            if isinstance(item, Finished):
-                yield event([{"index": 0, "delta": {}, "finish_reason": item.finish_reason}])
-                if include_usage:
-                    yield event([], usage=usage_of(prompt_tokens, item))
-            else:
-                yield event([{"index": 0, "delta": {"content": item}, "finish_reason": None}])
-    except Exception as err:  # noqa: BLE001 -- the status line has gone; say it in the stream
-        LOG.exception("streamed request failed")
-        yield f"data: {json.dumps(ApiError(500, str(err), kind='server_error').body())}\n\n"
-    yield "data: [DONE]\n\n"
+    async with aclosing(items):
+        yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        try:
+            async for item in items:
+                if isinstance(item, Finished):
+                    yield event([{"index": 0, "delta": {}, "finish_reason": item.finish_reason}])
+                    if include_usage:
+                        yield event([], usage=usage_of(prompt_tokens, item))
+                else:
+                    yield event([{"index": 0, "delta": {"content": item}, "finish_reason": None}])
+        except Exception as err:  # noqa: BLE001 -- the status line has gone; say it in the stream
+            LOG.exception("streamed request failed")
+            yield f"data: {json.dumps(ApiError(500, str(err), kind='server_error').body())}\n\n"
+        yield "data: [DONE]\n\n"
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
