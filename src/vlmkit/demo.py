@@ -39,7 +39,7 @@ DEFAULT_TIME_BUDGET = 840.0
 RESERVE_SECONDS = 60.0  # SFT's data preparation and the three evaluations: about 40 s on a slow host
 MIN_SFT_SECONDS = 120.0  # less would teach little: better late than useless
 MAX_SFT_STEPS = 9600  # past where the runs measured
-# The fresh clones in docs/results.md made 6,470-7,249 SFT steps in about 600 s with bf16
+# The fresh clones in docs/results.md made 5,836-7,249 SFT steps in about 600 s with bf16
 # products (float32 clones 3,800-4,500 in about 550 s); with much less time the demo still ends,
 # far less trained.
 SHORT_SFT_SECONDS = 300.0
