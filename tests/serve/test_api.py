@@ -229,7 +229,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, client, lo
 
     def step(*args) -> None:
         steps.append(1)
-        time.sleep(0.01)  # a floor on each step, so that the check below does not hang on the host's speed
+        time.sleep(0.01)  # a floor on each step, so that the check below does not depend on the host's speed
 
     hook = model.language_model.register_forward_hook(step)
     try:

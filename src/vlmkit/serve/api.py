@@ -198,9 +198,9 @@ def usage_of(prompt_tokens: int, finished: Finished) -> dict:
 class ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that closes its body when it ends, whether or not the client stayed.
 
-    When the client leaves, Starlette cancels the stream wherever it waits; if that is in `send`,
-    the body generator is left open for the garbage collector, and until it runs the engine's
-    `finally`, which stops generation, does not: the abandoned reply kept generating.
+    When the client leaves, Starlette cancels the stream wherever it waits. If that is in `send`,
+    the body generator stays open until the garbage collector closes it, and until then the
+    engine's `finally`, which stops generation, does not run: the abandoned reply kept generating.
     """
 
     async def __call__(self, scope, receive, send) -> None:
