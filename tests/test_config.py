@@ -10,7 +10,7 @@ from vlmkit.errors import ConfigError
 
 
 def test_tiny_recipe_equals_the_defaults():
-    assert dataclasses.asdict(load_config(recipe("tiny"))) == dataclasses.asdict(RunConfig())
+    assert dataclasses.asdict(load_config(recipe("scratch"))) == dataclasses.asdict(RunConfig())
 
 
 @pytest.mark.parametrize("name", ["demo-vision", "demo-align", "demo-sft"])

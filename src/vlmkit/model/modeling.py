@@ -16,6 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from vlmkit.errors import ImageTokenMismatchError
 from vlmkit.model import vision
 from vlmkit.model.configuration import VLMConfig
+from vlmkit.model.feature_cache import FeatureCache
 from vlmkit.model.projectors import build_projector
 from vlmkit.model.tokens import IGNORE_INDEX, image_token_spec, num_image_tokens
 
@@ -49,6 +50,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         self.vision_tower = vision.prepare_tower(vision_tower or AutoModel.from_config(config.vision_config))
         self.projector = build_projector(config)
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        # Set by training while the encoder is frozen (vlmkit/model/feature_cache.py); never saved.
+        self.feature_cache: FeatureCache | None = None
         self.post_init()
 
     def train(self, mode: bool = True):
@@ -88,6 +91,11 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         grid = vision.grid_for_size(self.config.vision_config, height, width)
         return num_image_tokens(image_token_spec(self.config), grid)
 
+    def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The encoder's selected features of same-size crops, from the feature cache where one is set."""
+        encode = lambda crops: vision.encode(self.vision_tower, self.config, crops)  # noqa: E731
+        return encode(pixel_values) if self.feature_cache is None else self.feature_cache.encode(encode, pixel_values)
+
     def get_image_features(self, pixel_values: torch.Tensor, crop_sizes: torch.Tensor | None = None,
                            **kwargs) -> torch.Tensor:  # fmt: skip
         """Projected features of a batch of crops, flattened to (total image tokens, text_dim).
@@ -108,12 +116,12 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         grids = [vision.grid_for_size(cfg.vision_config, *size) for size in sizes]
         if len(groups) == 1:
             height, width = sizes[0]
-            features = vision.encode(self.vision_tower, cfg, pixel_values[..., :height, :width])
+            features = self.encode_crops(pixel_values[..., :height, :width])
             projected = self.projector(features, grids[0])
         else:
             encoded: list[torch.Tensor | None] = [None] * len(sizes)
             for (height, width), indices in groups.items():
-                features = vision.encode(self.vision_tower, cfg, pixel_values[indices, :, :height, :width])
+                features = self.encode_crops(pixel_values[indices, :, :height, :width])
                 for index, feature in zip(indices, features):
                     encoded[index] = feature
             projected = self.projector(nn.utils.rnn.pad_sequence(encoded, batch_first=True), grids)

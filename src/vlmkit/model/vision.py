@@ -1,17 +1,23 @@
 """What vlmkit needs to know about each kind of vision encoder, in one place.
 
 The encoders are transformers models built with `AutoModel`: vision transformers (CLIP,
-SigLIP, SigLIP2 vision models) and convolutional networks (RegNet, ResNet, ConvNeXt). This
-module only answers: how big is the square input, what grid of feature tokens comes out
-(plus any CLS prefix), how wide are they, and how to run the encoder to get them.
+SigLIP, SigLIP2, DINOv2, ViT, and generally any model that takes `pixel_values` and returns
+a sequence of patch features, with or without CLS or register tokens before them) and
+convolutional networks (RegNet, ResNet, ConvNeXt). This module only answers: how big is the
+square input, what grid of feature tokens comes out (plus any prefix tokens), how wide are
+they, and how to run the encoder to get them.
+
+A vision transformer of a family not listed below is probed once when it is first composed:
+one forward pass at its native size says how many tokens come before the patches, and that
+count is saved in its config (`PREFIX_ATTRIBUTE`), so a saved model never needs the probe.
 
 Why convolutional encoders: trained from random weights, a small CNN learns shapes many
-times faster than a ViT of the same cost (measured in docs/design.md), so the tiny
-from-scratch recipe uses one; pretrained CLIP/SigLIP towers are for real models.
+times faster than a ViT of the same cost, so the tiny from-scratch recipe uses one.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -20,19 +26,55 @@ from transformers import PreTrainedConfig
 
 from vlmkit.errors import ConfigError
 
-VIT_PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0, "siglip2_vision_model": 0}
+# Tokens before the patch grid in each known family's hidden states (CLS, distillation, registers).
+VIT_PREFIX_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0, "siglip2_vision_model": 0, "dinov2": 1,
+                     "vit": 1, "deit": 2}
 CNN_TYPES = ("regnet", "resnet", "convnext")
+PREFIX_ATTRIBUTE = "vlmkit_prefix_tokens"  # the probed count, for families not in VIT_PREFIX_TOKENS
 # Sub-modules whose output never reaches the projector: frozen so that no optimizer or DDP
 # bucket waits for gradients they will never get.
 UNUSED_MODULES = ("post_layernorm", "head")
 
 
 def check_supported(vision_config: PreTrainedConfig) -> None:
-    if vision_config.model_type not in (*VIT_PREFIX_TOKENS, *CNN_TYPES):
-        raise ConfigError(
-            f"vision encoder type {vision_config.model_type!r} is not supported; use one of "
-            f"{', '.join((*VIT_PREFIX_TOKENS, *CNN_TYPES))} (a checkpoint or a config)"
-        )
+    """A CNN of a known family, or a vision transformer: something with a patch size and a width."""
+    c = vision_config
+    if c.model_type in CNN_TYPES or (getattr(c, "patch_size", None) and getattr(c, "hidden_size", None)):
+        return
+    raise ConfigError(
+        f"vision encoder type {c.model_type!r} is not supported: vlmkit takes a vision transformer (a config "
+        f"with patch_size and hidden_size, such as {', '.join(VIT_PREFIX_TOKENS)}) or a {'/'.join(CNN_TYPES)} CNN"
+    )
+
+
+def vit_prefix_tokens(vision_config: PreTrainedConfig) -> int:
+    """Tokens before the patches in a vision transformer's hidden states."""
+    c = vision_config
+    if c.model_type == "dinov2_with_registers":
+        return 1 + c.num_register_tokens
+    if c.model_type in VIT_PREFIX_TOKENS:
+        return VIT_PREFIX_TOKENS[c.model_type]
+    count = getattr(c, PREFIX_ATTRIBUTE, None)
+    if count is None:
+        raise ConfigError(f"the {c.model_type!r} vision config does not say how many tokens precede its patches; "
+                          "compose it from a checkpoint or a config through vlmkit.model.build, which probes it")
+    return count
+
+
+def probe_prefix_tokens(tower: nn.Module) -> None:
+    """Count the prefix tokens of an unlisted vision transformer with one forward pass, and record them."""
+    c = tower.config
+    if is_cnn(c) or c.model_type in VIT_PREFIX_TOKENS or c.model_type == "dinov2_with_registers":
+        return
+    side, channels = native_size(c), getattr(c, "num_channels", 3)
+    with torch.no_grad():
+        pixels = torch.zeros(1, channels, side, side, dtype=tower.dtype)
+        hidden = tower(pixel_values=pixels, output_hidden_states=True, return_dict=True).hidden_states[-1]
+    patches = (side // stride(c)) ** 2
+    if hidden.dim() != 3 or hidden.shape[1] < patches:
+        raise ConfigError(f"the {c.model_type!r} vision model gave hidden states of shape {tuple(hidden.shape)} for "
+                          f"a {side}px image, not a sequence of at least {patches} patch features")
+    setattr(c, PREFIX_ATTRIBUTE, hidden.shape[1] - patches)
 
 
 def is_cnn(vision_config: PreTrainedConfig) -> bool:
@@ -52,17 +94,25 @@ def stride(vision_config: PreTrainedConfig) -> int:
     return size if isinstance(size, int) else int(size[0])
 
 
+def native_size(vision_config: PreTrainedConfig) -> int:
+    """Side of the square image a vision transformer was trained on (its position grid), in pixels."""
+    c = vision_config
+    if c.model_type == "siglip2_vision_model":
+        # SigLIP2 (NaFlex) takes any grid up to num_patches; vlmkit feeds it the largest square.
+        return math.isqrt(c.num_patches) * stride(c)
+    size = c.image_size
+    return size if isinstance(size, int) else int(size[0])
+
+
 def input_size(config) -> int:
-    """Side of the square image the encoder takes, in pixels (`config` is a VLMConfig)."""
+    """Side of the square image the encoder takes, in pixels (`config` is a VLMConfig): the model's
+    `image_size` when set (a ViT then interpolates its positions), else the tower's native size."""
     c = config.vision_config
     if is_cnn(c):
         if not config.image_size:
             raise ConfigError(f"a {c.model_type} encoder has no input size of its own; set model image_size")
         return config.image_size
-    if c.model_type == "siglip2_vision_model":
-        # SigLIP2 (NaFlex) takes any grid up to num_patches; vlmkit feeds it the largest square.
-        return math.isqrt(c.num_patches) * stride(c)
-    return c.image_size
+    return config.image_size or native_size(c)
 
 
 def patch_grid(config) -> tuple[int, int]:
@@ -91,7 +141,9 @@ def feature_size(vision_config: PreTrainedConfig) -> int:
 def prefix_tokens(vision_config: PreTrainedConfig, select_strategy: str) -> int:
     """Prefix tokens that reach the projector: the CLS token is kept only with strategy 'full'."""
     check_supported(vision_config)
-    return VIT_PREFIX_TOKENS.get(vision_config.model_type, 0) if select_strategy == "full" else 0
+    if is_cnn(vision_config) or select_strategy != "full":
+        return 0
+    return vit_prefix_tokens(vision_config)
 
 
 def prepare_tower(tower: nn.Module) -> nn.Module:
@@ -110,9 +162,8 @@ def encode(tower: nn.Module, config, pixel_values: torch.Tensor) -> torch.Tensor
     """
     c, layer = config.vision_config, config.vision_feature_layer
     kwargs = {}
-    native = (input_size(config),) * 2
-    if c.model_type in ("clip_vision_model", "siglip_vision_model") and tuple(pixel_values.shape[-2:]) != native:
-        kwargs["interpolate_pos_encoding"] = True
+    if not is_cnn(c) and tuple(pixel_values.shape[-2:]) != (native_size(c),) * 2 and _takes_interpolation(tower):
+        kwargs["interpolate_pos_encoding"] = True  # DINOv2 interpolates always, and takes no such flag
     if c.model_type == "siglip2_vision_model":
         # SigLIP2 takes flattened patches plus their grid; patch order matches its image processor.
         p = stride(c)
@@ -133,5 +184,9 @@ def encode(tower: nn.Module, config, pixel_values: torch.Tensor) -> torch.Tensor
             raise ConfigError(f"the {c.model_type} encoder gave a {tuple(hidden.shape[-2:])} feature map, not the "
                               f"expected {grid}; choose image_size as a multiple of its stride {stride(c)}")  # fmt: skip
         return hidden.flatten(2).transpose(1, 2)
-    drop = VIT_PREFIX_TOKENS[c.model_type] - prefix_tokens(c, config.vision_feature_select_strategy)
+    drop = vit_prefix_tokens(c) - prefix_tokens(c, config.vision_feature_select_strategy)
     return hidden[:, drop:]
+
+
+def _takes_interpolation(tower: nn.Module) -> bool:
+    return "interpolate_pos_encoding" in inspect.signature(tower.forward).parameters

@@ -4,7 +4,8 @@ Each `<image>` marker in the text is expanded to as many placeholder tokens as t
 crops produce, counted by `vlmkit.model.tokens.num_image_tokens` -- the function the model
 uses too. A sliced image's placeholders are laid out as MiniCPM-V does: the whole view in
 `<img>...</img>`, each slice in `<slice>...</slice>`, a newline between rows of slices.
-Labels come from the chat template's generation markers: only assistant tokens are supervised.
+Only assistant tokens are supervised: the chat template's generation markers say which they are,
+or, for a template without them, its rendering prefix by prefix (`processing/chat_template.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from vlmkit.data.records import IMAGE_MARKER
 from vlmkit.errors import DataError
 from vlmkit.model.tokens import IGNORE_INDEX, num_image_tokens
 from vlmkit.processing import slicing
+from vlmkit.processing.chat_template import has_generation_markers, tokenize_with_assistant_mask
 from vlmkit.processing.image_processing import ImagePlan, batch_crops
 
 
@@ -101,10 +103,13 @@ class VLMProcessor(ProcessorMixin):
         One call for a whole data set's chunk rather than one per record: the tokenizer's
         per-call overhead was most of the time `vlmkit train` spent preparing 24,000 records.
         """
-        encoded = self.tokenizer.apply_chat_template(
-            expanded, chat_template=self.chat_template, tokenize=True, return_dict=True,
-            return_assistant_tokens_mask=not add_generation_prompt, add_generation_prompt=add_generation_prompt,
-        )  # fmt: skip
+        if add_generation_prompt or has_generation_markers(self.chat_template):
+            encoded = self.tokenizer.apply_chat_template(
+                expanded, chat_template=self.chat_template, tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=not add_generation_prompt, add_generation_prompt=add_generation_prompt,
+            )  # fmt: skip
+        else:  # a pretrained LM's own template, without generation markers
+            encoded = tokenize_with_assistant_mask(self.tokenizer, self.chat_template, expanded)
         out = []
         for i, ids in enumerate(encoded["input_ids"]):
             input_ids = torch.tensor(ids, dtype=torch.long)

@@ -1,8 +1,10 @@
 """Tokenizers: train a small byte-level BPE from scratch, or adapt a pretrained LM's tokenizer.
 
-Either way the result has the special tokens the chat template and image layout need, and
-the ChatML template (`vlmkit/templates/chatml.jinja`), whose generation markers give the
-assistant-token mask used for the loss.
+A from-scratch tokenizer gets ChatML (`vlmkit/templates/chatml.jinja`) and every special token
+vlmkit's layouts use. A pretrained LM's tokenizer keeps its own chat template, BOS/EOS, pad
+token and default system prompt -- the model was tuned to them -- and gains only the
+placeholder tokens the image layout needs (`<image>`, and the crop boundaries when images
+are sliced). Only an LM with no chat template at all (a base model) is given ChatML.
 """
 
 from __future__ import annotations
@@ -53,14 +55,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     return _finish(tokenizer)
 
 
-def adapt_pretrained_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """A local LM checkpoint's tokenizer with vlmkit's special tokens added (when missing) and ChatML."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    missing = [t for t in SPECIAL_TOKENS[1:] if t not in tokenizer.get_vocab()]
+def adapt_pretrained_tokenizer(tokenizer, sliced: bool = False):
+    """A pretrained LM's tokenizer with the image placeholder tokens added (when missing).
+
+    `sliced` adds the crop boundary tokens of the high-resolution layouts too. The LM's own chat
+    template and special tokens are kept; a tokenizer with no chat template gets ChatML and its
+    markers (then `<|im_end|>` ends a turn and becomes EOS). A missing pad token becomes EOS:
+    padded positions are masked, so the id only has to exist.
+    """
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    chatml = not tokenizer.chat_template
+    wanted = [IMAGE_TOKEN, *(LAYOUT_TOKENS if sliced else ()), *(CHAT_TOKENS if chatml else ())]
+    missing = [t for t in wanted if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if chatml:
+        tokenizer.chat_template, tokenizer.eos_token = chat_template(), CHAT_TOKENS[1]
     tokenizer.image_token = IMAGE_TOKEN
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = PAD_TOKEN if PAD_TOKEN in tokenizer.get_vocab() else tokenizer.eos_token
-    tokenizer.eos_token = CHAT_TOKENS[1]
-    return _finish(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

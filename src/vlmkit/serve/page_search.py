@@ -20,10 +20,17 @@ RETRIEVER_TYPE = "vlmkit_retriever"  # config.json model_type of a saved VLMRetr
 
 
 def is_retriever(model_dir: str | Path) -> bool:
-    """Whether `model_dir` holds a retriever (embeddings) rather than a chat model, from its config.json."""
+    """Whether `model_dir` holds a retriever (embeddings) rather than a chat model, from its config.json.
+
+    A folder of LoRA adapters alone (`lora.save: adapter`) is a chat model: retrievers train without LoRA."""
+    from vlmkit.train import lora
+
+    if lora.is_adapter(model_dir):
+        return False
     config = Path(model_dir) / "config.json"
     if not config.is_file():
-        raise ConfigError(f"{model_dir} is not a saved vlmkit model (no config.json)")
+        raise ConfigError(f"{model_dir} is not a saved vlmkit model (no config.json, nor the {lora.ADAPTER_CONFIG} "
+                          "of LoRA adapters)")  # fmt: skip
     return json.loads(config.read_text()).get("model_type") == RETRIEVER_TYPE
 
 

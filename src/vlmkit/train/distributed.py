@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vlmkit.config import TrainConfig
 from vlmkit.errors import ConfigError
+from vlmkit.recipes import shipped_config
 from vlmkit.train import muon, precision, time_budget
 
 
@@ -71,7 +72,10 @@ def deepspeed_mismatches(ds: dict, t: TrainConfig, world_size: int) -> list[str]
 
 
 def check(t: TrainConfig) -> None:
-    """Raise ConfigError for distributed settings that cannot work together or contradict each other."""
+    """Raise ConfigError for distributed settings that cannot work together or contradict each other.
+
+    A `train.deepspeed` that names a shipped config (`deepspeed-zero2`, `vlmkit/configs/deepspeed-zero2.json`)
+    is replaced by that file's path here, before the Trainer reads it."""
     if t.deepspeed and t.fsdp:
         raise ConfigError("train.deepspeed and train.fsdp are both set; choose one engine")
     time_budget.check(t)  # every stage's settings pass through here, before anything is built
@@ -79,9 +83,11 @@ def check(t: TrainConfig) -> None:
     muon.check(t)
     if not t.deepspeed:
         return
+    try:
+        t.deepspeed = shipped_config(t.deepspeed, ".json")
+    except ConfigError as err:
+        raise ConfigError(f"train.deepspeed: {err}") from None
     path = Path(t.deepspeed)
-    if not path.is_file():
-        raise ConfigError(f"train.deepspeed: {path} not found (ready configs: vlmkit/configs/deepspeed-zero*.json)")
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("train.deepspeed needs the deepspeed package: pip install 'vlmkit[finetune]'")
     try:

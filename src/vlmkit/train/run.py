@@ -19,6 +19,7 @@ from vlmkit.data.packing import PackedCollator
 from vlmkit.data.records import IMAGE_MARKER, VIDEO_MARKER, read_record_files
 from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
+from vlmkit.model.feature_cache import FeatureCache
 from vlmkit.train import distributed, lora
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, VLMTrainer, apply_learning_rates, training_arguments
@@ -52,6 +53,9 @@ def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
         model = lora.wrap(model, processor, cfg.lora, cfg.model, Path(cfg.train.output_dir))
     trainable = apply_learning_rates(model, rates)
     log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
+    if not trainable["vision"] and cfg.train.vision_feature_cache_gb > 0:
+        vlm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        vlm.feature_cache = FeatureCache(int(cfg.train.vision_feature_cache_gb * 2**30))
     return model, processor, rates
 
 

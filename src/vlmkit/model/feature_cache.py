@@ -1,0 +1,47 @@
+"""Encoder features of images already seen, reused while the vision encoder is frozen.
+
+With a frozen encoder (LLaVA's first stage, LoRA on the LM alone) an image's features never
+change, yet every epoch would run the encoder on it again; for a small LM the encoder can be
+a third of a step. The cache keys each crop by a digest of its pixel values -- exact, since
+the same pixels give the same features -- so it needs no image ids and stays right under
+any data order, slicing or augmentation (an augmented crop is simply a new key).
+
+Memory is bounded: past `max_bytes` new features are computed as usual but not stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import torch
+
+
+class FeatureCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.stored_bytes = 0
+        self.features: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(crop: torch.Tensor) -> bytes:
+        data = crop.detach().to("cpu", copy=False).contiguous()
+        return hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+
+    def encode(self, encode: Callable[[torch.Tensor], torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor:
+        """`encode(pixel_values)`, running the encoder only on the crops not seen before."""
+        keys = [self.key(crop) for crop in pixel_values]
+        missing = [i for i, key in enumerate(keys) if key not in self.features]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                computed = encode(pixel_values[missing])
+            for i, features in zip(missing, computed):
+                fresh[keys[i]] = features
+                if self.stored_bytes + features.nbytes <= self.max_bytes:
+                    self.features[keys[i]] = features
+                    self.stored_bytes += features.nbytes
+        return torch.stack([fresh[key] if key in fresh else self.features[key] for key in keys])
