@@ -49,3 +49,11 @@ def tiny(train_records):
 
     torch.manual_seed(0)
     return build(tiny_model_config(), training_texts=lambda: _texts(train_records))
+
+
+@pytest.fixture(scope="session")
+def pretrained_checkpoints():
+    """The real checkpoints `vlmkit models fetch` provides, by id (fetched and converted on the first run only)."""
+    from vlmkit.model.pretrained import fetch
+
+    return fetch(log=lambda line: None)

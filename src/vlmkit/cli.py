@@ -126,9 +126,10 @@ def _chat(args) -> None:
     if args.prompt is None:
         from vlmkit.serve.chat_cli import interactive
 
-        interactive(model, processor, settings, images, image_paths=args.image or [])
+        interactive(model, processor, settings, images, image_paths=args.image or [], system=args.system)
         return
-    messages = with_image_markers([{"role": "user", "content": args.prompt}], len(images))
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = system + with_image_markers([{"role": "user", "content": args.prompt}], len(images))
     for piece in stream_reply(model, processor, messages, images, settings):
         print(piece, end="", flush=True)
     print()
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("prompt", nargs="?", help="the question; leave out for an interactive session")
     chat.add_argument("--model", required=True)
     chat.add_argument("--image", action="append", help="an image (repeat for several)")
+    chat.add_argument("--system", help="a system prompt (default: whatever the model's chat template writes)")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     chat.add_argument("--temperature", type=float, default=0.7)

@@ -43,8 +43,11 @@ def printable(text: str) -> str:
 class ChatSession:
     """One conversation: its history (without image markers), its images and its decoding settings."""
 
-    def __init__(self, model, processor, settings: GenerationSettings, images=(), image_paths=()):
+    def __init__(self, model, processor, settings: GenerationSettings, images=(), image_paths=(),
+                 system: str | None = None):  # fmt: skip
         self.model, self.processor = model, processor
+        # None keeps the chat template's own default (SmolLM2's writes a system line of its own).
+        self.system = [{"role": "system", "content": system}] if system else []
         self.settings = settings
         self.initial_settings = dataclasses.replace(settings)
         self.history: list[dict] = []
@@ -105,7 +108,7 @@ class ChatSession:
         """Answer `text`, passing each piece to `show` as it comes; Ctrl-C keeps what came so far."""
         messages = self.history + [{"role": "user", "content": text}]
         # with_image_markers marks the last message it is given: here, the first user message.
-        messages = with_image_markers(messages[:1], len(self.images)) + messages[1:]
+        messages = self.system + with_image_markers(messages[:1], len(self.images)) + messages[1:]
         settings = ReplySettings.of(self.settings, self.processor)
         answer = ""
         try:
@@ -119,13 +122,14 @@ class ChatSession:
         return answer
 
 
-def interactive(model, processor, settings: GenerationSettings, images: list, image_paths: list[str]) -> None:
+def interactive(model, processor, settings: GenerationSettings, images: list, image_paths: list[str],
+                system: str | None = None) -> None:  # fmt: skip
     """The read-eval-print loop; returns on :exit, :q or end of input."""
     try:
         import readline  # noqa: F401 -- line editing and up-arrow history for input()
     except ImportError:
         pass
-    session = ChatSession(model, processor, settings, images, image_paths)
+    session = ChatSession(model, processor, settings, images, image_paths, system)
     print(f"vlmkit chat with {len(images)} image(s); :help lists the commands, :exit leaves")
     while True:
         try:
