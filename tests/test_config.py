@@ -13,7 +13,7 @@ def test_tiny_recipe_equals_the_defaults():
     assert dataclasses.asdict(load_config(recipe("scratch"))) == dataclasses.asdict(RunConfig())
 
 
-@pytest.mark.parametrize("name", ["demo-vision", "demo-align", "demo-sft"])
+@pytest.mark.parametrize("name", ["demo-align", "demo-sft", "shapes-vision", "shapes-align", "shapes-sft"])
 def test_demo_recipes_load(name):
     cfg = load_config(recipe(name))
     assert cfg.data.train and cfg.train.max_steps > 0

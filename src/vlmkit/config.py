@@ -41,7 +41,7 @@ class ModelConfig:
     text_config: dict = field(default_factory=lambda: dict(TINY_TEXT))
     projector: str = "mlp"
     projector_args: dict = field(default_factory=dict)
-    vision_feature_layer: int = -1
+    vision_feature_layer: int | list = -1  # or a list of layers, concatenated (as LLaVA takes a list)
     vision_feature_select_strategy: str = "default"
     image_size: int | None = None  # square input side; needed by CNN encoders, which have none of their own
     image_resize_mode: str = "pad"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
@@ -45,10 +46,11 @@ STANDALONE = textwrap.dedent("""
 """ % (QUESTION, NEW_TOKENS))
 
 
-def test_exported_composition_answers_as_vlmkit_without_vlmkit(pretrained_checkpoints, tmp_path):
+@pytest.mark.parametrize("layer", [-2, [-8, -2]], ids=["one-layer", "two-layers"])
+def test_exported_composition_answers_as_vlmkit_without_vlmkit(pretrained_checkpoints, tmp_path, layer):
     torch.manual_seed(0)
     built = build(ModelConfig(vision="facebook/dinov2-small", lm="HuggingFaceTB/SmolLM2-135M-Instruct",
-                              projector="mlp", vision_feature_layer=-2, image_size=56))  # fmt: skip
+                              projector="mlp", vision_feature_layer=layer, image_size=56))  # fmt: skip
     model, processor = built.model.eval(), built.processor
     save_llava(model, processor, tmp_path / "llava")
     image = Image.new("RGB", (60, 44), (255, 255, 255))

@@ -24,7 +24,7 @@ run_module = importlib.import_module("vlmkit.train.run")
 # 56 px, no warmup, so that the second loss follows a full first step): float32 values of this code
 # on the shipped checkpoints. They move if the composition, the chat template's masks, the data
 # order, the initialisation or the optimiser's first step change.
-GOLDEN_LOSSES = (4.620485, 4.904508)
+GOLDEN_LOSSES = (4.620485, 4.440773)
 
 
 def _train(synth_dir, out, save: str, monkeypatch):

@@ -22,7 +22,8 @@ class VLMConfig(PreTrainedConfig):
         text_config: config of the causal language model (Llama, Qwen2, SmolLM, ...).
         projector_type: key of `vlmkit.model.projectors.PROJECTORS`.
         projector_args: extra arguments of that projector (e.g. `num_queries` for a resampler).
-        vision_feature_layer: which hidden state of the encoder feeds the projector (-1: last).
+        vision_feature_layer: which hidden state of the encoder feeds the projector (-1: last), or a
+            list of them, concatenated along the width.
         vision_feature_select_strategy: "default" drops the encoder's CLS token when it has one,
             "full" keeps it.
         image_token_id: id of the `<image>` placeholder token in the LM's vocabulary.
@@ -39,7 +40,7 @@ class VLMConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     projector_type: str = "mlp"
     projector_args: dict | None = None
-    vision_feature_layer: int = -1
+    vision_feature_layer: int | list[int] = -1
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     image_token_id: int | None = None
     image_size: int | None = None

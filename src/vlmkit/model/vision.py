@@ -138,6 +138,17 @@ def feature_size(vision_config: PreTrainedConfig) -> int:
     return vision_config.hidden_sizes[-1] if is_cnn(vision_config) else vision_config.hidden_size
 
 
+def feature_layers(config) -> list[int]:
+    """The hidden states that feed the projector: `vision_feature_layer`, one index or a list of them.
+
+    Several layers are concatenated along the width, as transformers' LLaVA does with a list:
+    deep layers carry what the image shows, earlier ones what a self-supervised encoder such as
+    DINOv2 learnt to discard on the way (colour, under its colour-jitter augmentation).
+    """
+    layer = config.vision_feature_layer
+    return list(layer) if isinstance(layer, (list, tuple)) else [layer]
+
+
 def prefix_tokens(vision_config: PreTrainedConfig, select_strategy: str) -> int:
     """Prefix tokens that reach the projector: the CLS token is kept only with strategy 'full'."""
     check_supported(vision_config)
@@ -160,7 +171,7 @@ def encode(tower: nn.Module, config, pixel_values: torch.Tensor) -> torch.Tensor
     Crops other than the native square (slices) go through ViTs with their position
     embeddings interpolated, as MiniCPM-V and LLaVA-NeXT do; CNNs take any size as is.
     """
-    c, layer = config.vision_config, config.vision_feature_layer
+    c = config.vision_config
     kwargs = {}
     if not is_cnn(c) and tuple(pixel_values.shape[-2:]) != (native_size(c),) * 2 and _takes_interpolation(tower):
         kwargs["interpolate_pos_encoding"] = True  # DINOv2 interpolates always, and takes no such flag
@@ -177,7 +188,8 @@ def encode(tower: nn.Module, config, pixel_values: torch.Tensor) -> torch.Tensor
         # (the weights can stay as they are, and so can every checkpoint).
         pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
     out = tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
-    hidden = out.hidden_states[layer]
+    channels = 1 if is_cnn(c) else -1  # a CNN's feature maps are (batch, channels, height, width)
+    hidden = torch.cat([out.hidden_states[layer] for layer in feature_layers(config)], dim=channels)
     if is_cnn(c):
         grid = grid_for_size(c, *pixel_values.shape[-2:])
         if tuple(hidden.shape[-2:]) != grid:

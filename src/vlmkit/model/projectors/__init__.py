@@ -49,7 +49,8 @@ def build_projector(config) -> nn.Module:
                           f"it reads {sorted(cls.ARGS) or 'none'} (YAML needs a space: `key: value`)")  # fmt: skip
     grid = vision.patch_grid(config)
     prefix = vision.prefix_tokens(config.vision_config, config.vision_feature_select_strategy)
-    return cls(vision.feature_size(config.vision_config), config.text_config.hidden_size, config.projector_args,
+    width = vision.feature_size(config.vision_config) * len(vision.feature_layers(config))
+    return cls(width, config.text_config.hidden_size, config.projector_args,
                grid, prefix)  # fmt: skip
 
 
