@@ -101,6 +101,7 @@ def _report(metrics: dict, rows: list[dict], text: dict) -> None:
     print(f"test accuracy          {metrics['accuracy']:.3f}")
     print(f"compositional accuracy {metrics['compositional_accuracy']:.3f}")
     print(f"blind accuracy         {metrics['blind_accuracy']:.3f}  (majority baseline "
+          f"{metrics['blind_majority_baseline']:.3f} on its {BLIND_RECORDS} records; test's "
           f"{metrics['majority_baseline']:.3f})")  # fmt: skip
     for name, value in sorted(metrics["by_category"].items()):
         print(f"  {name:<12} {value:.3f}")
