@@ -18,7 +18,7 @@ features it lifted the held-out count (0.66-0.96 over ten runs) and compositiona
 (9-10 points on matched seeds), but in six of those runs the model swapped the two columns of
 a row ("top left" for "top right"; test position 0.79-0.93), giving the corner of the row's
 other object, and no position code for the shape token stopped that, so the demo keeps
-`pixel_shuffle` (design.md, fifteenth to seventeenth rounds).
+`pixel_shuffle` (docs/design.md).
 """
 
 from __future__ import annotations
