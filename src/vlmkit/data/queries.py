@@ -27,6 +27,7 @@ from vlmkit.data.page_store import PageStore
 from vlmkit.data.pairs import Pair, split_by_document, write_pairs
 from vlmkit.data.records import IMAGE_MARKER
 from vlmkit.errors import DataError
+from vlmkit.model.generation import generate_batch
 
 GENERATE_PROMPT = (f"{IMAGE_MARKER}\nWrite one search query that this page answers and that no other page "
                    "would. Reply with the query only.")  # fmt: skip
@@ -57,15 +58,6 @@ def _prompt(prompt_file: str | Path | None, default: str) -> str:
     return Path(prompt_file).read_text(encoding="utf-8").strip() if prompt_file else default
 
 
-def _left_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, longest - len(row):], mask[i, longest - len(row):] = row, 1
-    return ids, mask
-
-
 @torch.no_grad()
 def generate_queries(model, processor, store: PageStore, out: str | Path, prompt_file: str | Path | None = None,
                      batch_size: int = 8, max_new_tokens: int = 48, progress: bool = True):  # fmt: skip
@@ -76,19 +68,13 @@ def generate_queries(model, processor, store: PageStore, out: str | Path, prompt
     done = {r["doc_id"] for r in _read_done(out).values()}
     todo = [doc_id for doc_id in store.ids if doc_id not in done]
     written = empty = 0
-    tokenizer = processor.tokenizer
     with out.open("a", encoding="utf-8") as handle:
         for start in tqdm(range(0, len(todo), batch_size), desc="queries", unit="batch", disable=not progress):
             doc_ids = todo[start:start + batch_size]
             images = [store.image(doc_id) for doc_id in doc_ids]
             rows = [processor.encode_text([{"role": "user", "content": prompt}], [plan], add_generation_prompt=True)
                     ["input_ids"] for plan in processor.plans(images)]  # fmt: skip
-            ids, mask = _left_padded(rows, tokenizer.pad_token_id)
-            inputs = {"input_ids": ids, "attention_mask": mask} | processor.image_inputs(images)
-            generated = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, do_sample=False,
-                                       max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-            replies = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
-            for doc_id, text in zip(doc_ids, replies):
+            for doc_id, text in zip(doc_ids, generate_batch(model, processor, rows, images, max_new_tokens)):
                 text = " ".join(text.split())
                 if not text:
                     empty += 1  # not written: a later run tries the page again

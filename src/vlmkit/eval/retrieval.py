@@ -10,17 +10,17 @@ Exactness, by construction:
 - search is a chunked matrix product in float32 with a running top-k merged by a stable
   sort: ties go to the page that comes first in the store, and memory is bounded by the
   chunk size, never by the corpus;
-- metrics follow trec_eval (linear gains; queries without a relevant page are skipped);
-  the tests check them against pytrec_eval.
+- metrics are trec_eval's own, through pytrec_eval (linear gains); queries without a
+  relevant page are skipped.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
+import pytrec_eval
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
@@ -33,7 +33,8 @@ from vlmkit.eval.exact_search import search_topk as search  # exact top-k, ties 
 from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs, score
 from vlmkit.processing.processor import VLMProcessor
 
-CUTOFF_METRICS = ("ndcg@5", "ndcg@10", "recall@10", "mrr@10")
+# Our metric names -> trec_eval's. Runs are cut at 10 before scoring, so reciprocal rank is MRR@10.
+TREC_MEASURES = {"ndcg@5": "ndcg_cut_5", "ndcg@10": "ndcg_cut_10", "recall@10": "recall_10", "mrr@10": "recip_rank"}
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -154,39 +155,36 @@ def load_index(path: str | Path) -> tuple[list[str], torch.Tensor]:
     return ids, load_file(str(path))["embeddings"]
 
 
-# --- search ---------------------------------------------------------------------------------------
-
-
 # --- metrics --------------------------------------------------------------------------------------
 
 
+def _trec_eval(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """Per-query metrics of ranked lists. trec_eval orders by score (ties by doc id), so each page's
+    score is minus its rank: the order of `run` is the order scored."""
+    scored = {q: {doc_id: -float(rank) for rank, doc_id in enumerate(ranked[:10])} for q, ranked in run.items()}
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.5,10", "recall.10", "recip_rank"})
+    return {q: {name: m[trec] for name, trec in TREC_MEASURES.items()} for q, m in evaluator.evaluate(scored).items()}
+
+
 def query_metrics(ranked: list[str], relevant: dict[str, int]) -> dict[str, float]:
-    """nDCG@5/@10 (linear gains, as trec_eval), recall@10 and reciprocal rank within 10, for one query."""
-    gains = [max(relevant.get(doc_id, 0), 0) for doc_id in ranked]
-    ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)
-
-    def dcg(values, cut):
-        return sum(g / math.log2(i + 2) for i, g in enumerate(values[:cut]))
-
-    n_relevant = len(ideal)
-    first = next((i for i, g in enumerate(gains[:10]) if g > 0), None)
-    return {"ndcg@5": dcg(gains, 5) / dcg(ideal, 5), "ndcg@10": dcg(gains, 10) / dcg(ideal, 10),
-            "recall@10": sum(g > 0 for g in gains[:10]) / n_relevant,
-            "mrr@10": 0.0 if first is None else 1.0 / (first + 1)}  # fmt: skip
+    """nDCG@5/@10, recall@10 and reciprocal rank within 10 of one query's ranked page ids."""
+    return _trec_eval({"q": ranked}, {"q": relevant})["q"]
 
 
 def metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
     """Mean of `query_metrics` over the queries of `run` that have a relevant page."""
-    per_query = [query_metrics(run[q], qrels[q]) for q in run if any(r > 0 for r in qrels.get(q, {}).values())]
-    if not per_query:
+    judged = {q: qrels[q] for q in run if any(r > 0 for r in qrels.get(q, {}).values())}
+    if not judged:
         raise DataError("no query has a relevant page in the qrels")
-    return {name: sum(m[name] for m in per_query) / len(per_query) for name in CUTOFF_METRICS} | {
-        "n_queries": len(per_query)}
+    per_query = _trec_eval({q: run[q] for q in judged}, judged).values()
+    return {name: sum(m[name] for m in per_query) / len(judged) for name in TREC_MEASURES} | {
+        "n_queries": len(judged)}
 
 
 def write_run(path: str | Path, qids: list[str], ids: list[str], scores: torch.Tensor, indices: torch.Tensor,
               tag: str = "vlmkit") -> None:  # fmt: skip
-    """A TREC run file: `qid Q0 docid rank score tag`, one line per retrieved page."""
+    """A TREC run file: `qid Q0 docid rank score tag`, one line per retrieved page (pytrec_eval reads
+    these but cannot write them)."""
     with Path(path).open("w", encoding="utf-8") as handle:
         for q, qid in enumerate(qids):
             for rank, (s, i) in enumerate(zip(scores[q].tolist(), indices[q].tolist()), 1):

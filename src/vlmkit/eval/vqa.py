@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.data.records import Record
+from vlmkit.model.generation import generate_batch
 from vlmkit.processing.images import blank_like, open_image
 from vlmkit.processing.processor import VLMProcessor
 
@@ -67,26 +68,15 @@ def questions_of(records: list[Record], processor: VLMProcessor) -> list[Questio
 @torch.no_grad()
 def answer_questions(model, processor: VLMProcessor, questions: list[Question], blind: bool = False,
                      batch_size: int = 32, max_new_tokens: int = 16, progress: bool = True) -> list[str]:  # fmt: skip
-    """Greedy answers, batched by similar prompt length with left padding."""
-    tokenizer = processor.tokenizer
+    """Greedy answers, batched by similar prompt length (fewer pad tokens per batch)."""
     order = sorted(range(len(questions)), key=lambda i: len(questions[i].prompt["input_ids"]))
     answers: list[str] = [""] * len(questions)
     for start in tqdm(range(0, len(order), batch_size), desc="eval", unit="batch", disable=not progress):
         batch = [questions[i] for i in order[start:start + batch_size]]
-        longest = max(len(q.prompt["input_ids"]) for q in batch)
-        ids = torch.full((len(batch), longest), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        images = []
-        for row, q in enumerate(batch):
-            n = len(q.prompt["input_ids"])
-            ids[row, longest - n:], mask[row, longest - n:] = q.prompt["input_ids"], 1
-            for path in q.record.images[: q.prompt["n_images"]]:
-                image = open_image(path)
-                images.append(blank_like(image, processor.image_processor.image_mean) if blind else image)
-        inputs = {"input_ids": ids, "attention_mask": mask} | processor.image_inputs(images)
-        generated = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, do_sample=False,
-                                   max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        texts = tokenizer.batch_decode(generated[:, longest:], skip_special_tokens=True)
+        images = [open_image(path) for q in batch for path in q.record.images[: q.prompt["n_images"]]]
+        if blind:
+            images = [blank_like(image, processor.image_processor.image_mean) for image in images]
+        texts = generate_batch(model, processor, [q.prompt["input_ids"] for q in batch], images, max_new_tokens)
         for i, text in zip(order[start:start + batch_size], texts):
             answers[i] = text.strip()
     return answers

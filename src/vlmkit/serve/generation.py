@@ -1,7 +1,8 @@
 """Talking to a saved model: loading it for inference and streaming a reply (CLI, web UI and API share this).
 
 Decoding is transformers' `generate` with its KV cache; streaming uses its
-`TextIteratorStreamer`, with generation running in a worker thread.
+`TextIteratorStreamer`, with generation running in a worker thread. Many prompts answered at
+once, without streaming (`vlmkit eval`, query generation): `vlmkit.model.generation`.
 """
 
 from __future__ import annotations
