@@ -1,8 +1,9 @@
 """The OpenAI-compatible API against a live server on 127.0.0.1, driven by the official `openai` client.
 
 Pins: greedy answers equal `stream_reply`'s, streamed or not, alone or 32 at once; stop,
-max_tokens and seed behave as OpenAI documents; 200 malformed requests each get a 4xx
-error in OpenAI's shape and the server keeps answering.
+max_tokens and seed behave as OpenAI documents; every response body is a valid instance of
+the `openai` package's type for it; 200 malformed requests each get a 4xx error in OpenAI's
+shape and the server keeps answering.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pydantic
 import pytest
 import torch
 from PIL import Image
@@ -31,8 +33,13 @@ from vlmkit.cli import build_parser  # noqa: E402
 from vlmkit.eval.retrieval import encode_queries  # noqa: E402
 from vlmkit.model.retriever import VLMRetriever  # noqa: E402
 from vlmkit.processing.images import open_image  # noqa: E402
+from openai.types import CreateEmbeddingResponse, Model  # noqa: E402
+from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
+from openai.types.shared import ErrorObject  # noqa: E402
+
 from vlmkit.serve.api import background_server, create_app  # noqa: E402
 from vlmkit.serve.generation import GenerationSettings, stream_reply  # noqa: E402
+from vlmkit.serve.openai_schema import MAX_STOP_CHARS  # noqa: E402
 from vlmkit.serve.reply_control import ReplySettings  # noqa: E402
 
 KEY = "test-key"
@@ -71,6 +78,21 @@ def expected_greedy(loaded, text: str, *images: bytes, max_new_tokens: int = 12)
     messages = [{"role": "user", "content": "<image>\n" * len(images) + text}]
     settings = ReplySettings.of(GenerationSettings(max_new_tokens=max_new_tokens), processor)
     return "".join(stream_reply(model, processor, messages, [open_image(raw) for raw in images], settings))
+
+
+def as_openai(kind: type[pydantic.BaseModel], body: dict) -> pydantic.BaseModel:
+    """`body` validated as the openai type `kind`: nothing coerced, no field anywhere that the type does not declare."""
+    value = kind.model_validate(body)
+    assert value.model_dump(exclude_unset=True) == body
+    inside = [value]
+    while inside:
+        item = inside.pop()
+        if isinstance(item, pydantic.BaseModel):
+            assert not item.model_extra, f"{type(item).__name__} has undeclared fields {item.model_extra}"
+            inside += [getattr(item, name) for name in type(item).model_fields]
+        elif isinstance(item, list):
+            inside += item
+    return value
 
 
 def test_models_lists_the_served_model(client):
@@ -120,6 +142,45 @@ def test_max_tokens_stop_and_seed(client, loaded):
                for seed in (7, 7, 8)]  # fmt: skip
     texts = [s.choices[0].message.content for s in sampled]
     assert texts[0] == texts[1], "the same seed must give the same sample"
+
+
+def test_a_stop_string_cuts_the_streamed_reply_before_it(client):
+    base = {"model": NAME, "messages": [user_turn("Describe it.", png_bytes())], "temperature": 0, "max_tokens": 16}
+    full = client.chat.completions.create(**base).choices[0].message.content
+    assert len(full) >= 2
+    for stop in (full[len(full) // 2:][:2], full[:1]):  # one in the middle, one that ends the reply before it starts
+        chunks = list(client.chat.completions.create(stream=True, stop=stop, **base))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == full[: full.index(stop)], stop
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_four_stop_strings_of_240k_characters_get_a_400(client):
+    long_stops = ["x" * 240_000, "y" * 240_000, "z" * 240_000, "w" * 240_000]
+    with pytest.raises(openai.BadRequestError, match=f"at most {MAX_STOP_CHARS} characters") as refused:
+        client.chat.completions.create(model=NAME, messages=[user_turn("Describe it.", png_bytes())], max_tokens=2,
+                                       stop=long_stops)  # fmt: skip
+    assert refused.value.param == "stop[0]"
+    reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert reply.usage.completion_tokens <= 2
+
+
+def test_every_response_is_a_valid_openai_type(server):
+    body = {"model": NAME, "messages": [user_turn("Describe it.", png_bytes())], "temperature": 0, "max_tokens": 6}
+    streamed = body | {"stream": True, "stream_options": {"include_usage": True}}
+    with httpx.Client(base_url=server, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        models = http.get("/v1/models").json()
+        assert models["object"] == "list" and [as_openai(Model, m).id for m in models["data"]] == [NAME]
+        assert as_openai(Model, http.get(f"/v1/models/{NAME}").json()).owned_by == "vlmkit"
+        reply = as_openai(ChatCompletion, http.post("/v1/chat/completions", json=body).json())
+        with http.stream("POST", "/v1/chat/completions", json=streamed) as response:
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        refused = http.post("/v1/chat/completions", json=body | {"temperature": 5})
+    assert events[-1] == "[DONE]"
+    chunks = [as_openai(ChatCompletionChunk, json.loads(event)) for event in events[:-1]]
+    assert {chunk.id for chunk in chunks} == {chunks[0].id} and chunks[0].id != reply.id
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+    assert as_openai(ErrorObject, refused.json()["error"]).param == "temperature"
 
 
 def test_32_concurrent_requests_equal_sequential_greedy_answers(client):
@@ -182,6 +243,8 @@ def malformed_requests() -> list[tuple[str, dict, int]]:
         ("max_tokens a float", chat(max_tokens=2.5), 400),
         ("n above one", chat(n=3), 400),
         ("five stop strings", chat(stop=["a", "b", "c", "d", "e"]), 400),
+        ("a stop string too long", chat(stop=["a", "x" * (MAX_STOP_CHARS + 1)]), 400),
+        ("a lone stop string too long", chat(stop="x" * (MAX_STOP_CHARS + 1)), 400),
         ("negative seed", chat(seed=-1), 400),
         ("last message from the assistant", chat(messages=[{"role": "assistant", "content": "hi"}]), 400),
         ("image marker typed as text", chat(messages=[{"role": "user", "content": "<image> hi"}]), 400),
@@ -285,6 +348,7 @@ def test_a_retriever_serves_embeddings_equal_to_the_library(loaded):
         assert torch.allclose(torch.tensor([d.embedding for d in reply.data]), expected, atol=1e-6)
         assert reply.usage.prompt_tokens > len(texts)
         plain = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-retriever", "input": texts[0]}).json()
+        as_openai(CreateEmbeddingResponse, plain)
         assert torch.allclose(torch.tensor(plain["data"][0]["embedding"]), expected[0], atol=1e-6)
         for bad in ({"input": []}, {"input": [""]}, {"input": "<image>"}, {"dimensions": 3}):
             response = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-retriever", "input": "x"} | bad)

@@ -4,6 +4,8 @@ import asyncio
 
 from vlmkit.serve.api import ClosingStreamingResponse, sse
 
+HEAD = {"id": "chatcmpl-test", "created": 0, "model": "tiny"}  # what every chunk repeats
+
 
 def test_a_stream_cancelled_in_send_closes_the_generation_behind_it():
     closed = []
@@ -29,7 +31,7 @@ def test_a_stream_cancelled_in_send_closes_the_generation_behind_it():
                 client_left.set()
                 await asyncio.Event().wait()
 
-        response = ClosingStreamingResponse(sse(pieces(), {}, 0, False), media_type="text/event-stream")
+        response = ClosingStreamingResponse(sse(pieces(), HEAD, 0, False), media_type="text/event-stream")
         await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
         assert closed == [True]  # while `response` still holds the body: no garbage collection involved
 

@@ -2,8 +2,9 @@
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions` for a chat model (plain or streamed
 as server-sent events), `POST /v1/embeddings` for a retriever (query embeddings) and
-`GET /health`. Every error is a JSON body in OpenAI's shape; bad input gets a 4xx and never
-stops the server. Requests run one at a time through `vlmkit.serve.engine`.
+`GET /health`. Responses are built with the `openai` package's own types; every error is a
+JSON body in OpenAI's shape; bad input gets a 4xx and never stops the server. Requests run one
+at a time through `vlmkit.serve.engine`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
+from openai.types import CompletionUsage, CreateEmbeddingResponse, Embedding, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.create_embedding_response import Usage
 from starlette.exceptions import HTTPException
 
 from vlmkit.errors import VlmkitError
@@ -73,7 +80,7 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
         return await call_next(request)
 
     def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "vlmkit"}
+        return Model(id=model_name, object="model", created=created, owned_by="vlmkit").model_dump()
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -120,10 +127,13 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
             vectors, tokens = await engine.run(lambda: embed(texts))
         except Busy as err:
             raise ApiError(429, str(err), code="server_busy", kind="rate_limit_error") from None
-        data = [{"object": "embedding", "index": i, "embedding": vector_format(v, ask.encoding_format)}
-                for i, v in enumerate(vectors)]  # fmt: skip
-        return {"object": "list", "data": data, "model": model_name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        data = [Embedding(object="embedding", index=i, embedding=v.tolist()) for i, v in enumerate(vectors)]
+        usage = Usage(prompt_tokens=tokens, total_tokens=tokens)
+        body = CreateEmbeddingResponse(object="list", data=data, model=model_name, usage=usage).model_dump()
+        if ask.encoding_format == "base64":  # the type holds the floats; the client asked for their bytes
+            for item, vector in zip(body["data"], vectors):
+                item["embedding"] = base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+        return body
 
     def fit_context(chat: ChatRequest, job: Job, prompt_tokens: int) -> None:
         """Refuse what the context cannot hold; without max_tokens, shorten the default to fit."""
@@ -153,22 +163,22 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
             items = engine.submit(job)
         except Busy as err:
             raise ApiError(429, str(err), code="server_busy", kind="rate_limit_error") from None
-        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if chat.stream:
-            usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return ClosingStreamingResponse(sse(items, reply, prompt_tokens, usage), media_type="text/event-stream")
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            events = sse(items, head, prompt_tokens, include_usage)
+            return ClosingStreamingResponse(events, media_type="text/event-stream")
         text, finished = "", None
         async for item in items:
             if isinstance(item, Finished):
                 finished = item
             else:
                 text += item
-        return reply | {
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finished.finish_reason}],
-            "usage": usage_of(prompt_tokens, finished),
-        }  # fmt: skip
+        message = ChatCompletionMessage(role="assistant", content=text)
+        choice = Choice(index=0, message=message, finish_reason=finished.finish_reason)
+        usage = usage_of(prompt_tokens, finished)
+        reply = ChatCompletion(**head, object="chat.completion", choices=[choice], usage=usage)
+        return reply.model_dump(exclude_unset=True)
 
     return app
 
@@ -183,16 +193,10 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     return bytes(body)
 
 
-def vector_format(vector: torch.Tensor, encoding: str) -> list[float] | str:
-    """One embedding as OpenAI sends it: a list of floats, or base64 of little-endian float32."""
-    if encoding == "base64":
-        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
-    return vector.tolist()
-
-
-def usage_of(prompt_tokens: int, finished: Finished) -> dict:
+def usage_of(prompt_tokens: int, finished: Finished) -> CompletionUsage:
     completion = finished.completion_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    total = prompt_tokens + completion
+    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=total)
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -210,25 +214,30 @@ class ClosingStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def sse(items: AsyncIterator, reply: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+async def sse(items: AsyncIterator, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events as OpenAI streams them: role, content pieces, finish reason, [usage], [DONE].
 
-    Closing this generator closes `items` too, which stops the generation behind them.
+    `head` holds the id, created and model that every chunk repeats. Closing this generator
+    closes `items` too, which stops the generation behind them.
     """
 
-    def event(choices: list, **extra) -> str:
-        return f"data: {json.dumps(reply | {'object': 'chat.completion.chunk', 'choices': choices} | extra)}\n\n"
+    def event(choices: list[ChunkChoice], **extra) -> str:
+        chunk = ChatCompletionChunk(**head, object="chat.completion.chunk", choices=choices, **extra)
+        return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+
+    def choice(finish_reason: str | None = None, **delta) -> ChunkChoice:
+        return ChunkChoice(index=0, delta=ChoiceDelta(**delta), finish_reason=finish_reason)
 
     async with aclosing(items):
-        yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        yield event([choice(role="assistant", content="")])
         try:
             async for item in items:
                 if isinstance(item, Finished):
-                    yield event([{"index": 0, "delta": {}, "finish_reason": item.finish_reason}])
+                    yield event([choice(item.finish_reason)])
                     if include_usage:
                         yield event([], usage=usage_of(prompt_tokens, item))
                 else:
-                    yield event([{"index": 0, "delta": {"content": item}, "finish_reason": None}])
+                    yield event([choice(content=item)])
         except Exception as err:  # noqa: BLE001 -- the status line has gone; say it in the stream
             LOG.exception("streamed request failed")
             yield f"data: {json.dumps(ApiError(500, str(err), kind='server_error').body())}\n\n"

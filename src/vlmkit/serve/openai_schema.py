@@ -1,5 +1,8 @@
 """OpenAI's chat-completions request format: checked strictly, then turned into a vlmkit `Job`.
 
+The `openai` package describes requests only as TypedDicts for its client, with none of the
+ranges and none of the limits a server must enforce, so requests are checked against the
+pydantic models here; responses are built with the package's own types (`vlmkit.serve.api`).
 Every problem becomes an `ApiError` in OpenAI's error shape, with a 4xx status. Images come
 only as data: URLs: a server that fetched http(s) addresses for its clients could be steered
 at internal services (server-side request forgery), so it refuses them with a clear message.
@@ -12,6 +15,7 @@ import binascii
 import json
 from typing import Annotated, Literal
 
+from openai.types.shared import ErrorObject
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlmkit.data.records import IMAGE_MARKER
@@ -22,6 +26,8 @@ from vlmkit.serve.generation import GenerationSettings
 
 DEFAULT_MAX_TOKENS = 256  # when a request names none (and the context has room)
 MAX_IMAGES = 8  # per request
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 256  # per stop string: far beyond any real end marker, and the held-back text stays short
 
 
 class ApiError(Exception):
@@ -33,7 +39,8 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        error = ErrorObject(message=self.message, type=self.kind, param=self.param, code=self.code)
+        return {"error": error.model_dump(exclude_unset=True)}
 
 
 class _Strict(BaseModel):
@@ -138,7 +145,8 @@ def checked_text(text: str, special_tokens: set[str], param: str) -> str:
 
 
 def to_job(request: ChatRequest, special_tokens: set[str], max_pixels: int) -> Job:
-    """vlmkit messages (image parts become `<image>` markers in place) and decoded images."""
+    """vlmkit messages (image parts become `<image>` markers in place), decoded images and stop strings."""
+    stop = stop_strings(request)  # before any image is decoded
     messages, images = [], []
     for i, message in enumerate(request.messages):
         parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
@@ -158,10 +166,21 @@ def to_job(request: ChatRequest, special_tokens: set[str], max_pixels: int) -> J
         messages.append({"role": role, "content": text})
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's", f"messages[{len(messages) - 1}].role")
-    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    if len(stop) > 4:
-        raise ApiError(400, "at most 4 stop sequences", "stop")
     return Job(messages, images, settings(request), stop)
+
+
+def stop_strings(request: ChatRequest) -> list[str]:
+    """The request's stop strings: at most MAX_STOPS, each at most MAX_STOP_CHARS long, or a 400 naming the one."""
+    single = isinstance(request.stop, str)
+    stop = [request.stop] if single else list(request.stop or [])
+    if len(stop) > MAX_STOPS:
+        raise ApiError(400, f"at most {MAX_STOPS} stop sequences, not {len(stop)}", "stop")
+    for i, text in enumerate(stop):
+        if len(text) > MAX_STOP_CHARS:
+            param = "stop" if single else f"stop[{i}]"
+            message = f"a stop sequence may have at most {MAX_STOP_CHARS} characters; {param} has {len(text)}"
+            raise ApiError(400, message, param, code="stop_too_long")
+    return stop
 
 
 def settings(request: ChatRequest) -> GenerationSettings:

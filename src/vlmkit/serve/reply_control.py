@@ -57,7 +57,16 @@ class ReplySettings(GenerationSettings):
 
 
 class StopText:
-    """Cuts streamed text before the first stop string, holding back any tail that may start one."""
+    """Cuts streamed text before the first stop string, holding back any tail that may start one.
+
+    Not transformers' `generate(stop_strings=...)`: its StopStringCriteria only ends generation,
+    leaving the stop string (and the rest of the token that completes it) in the text, and its
+    streamer holds nothing back, so this class would stay all the same. It also builds a table
+    over the whole vocabulary for each new set of stop strings (SmolLM2's 49k tokens: 0.2 to
+    0.8 s and up to about 60 MiB, eight sets kept in a module-level cache), a cost a server
+    cannot take from every request. vLLM too matches stop strings in the decoded text.
+    Its own cost per piece grows with the square of a stop string's length, hence the API's limit.
+    """
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
@@ -69,10 +78,12 @@ class StopText:
         if self.hit:
             return ""
         text = self._pending + piece
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        # The stop string that ends first wins, as if generation had been checked at every character,
+        # so that where the pieces were split does not change the reply.
+        found = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
         if found:
             self.hit, self._pending = True, ""
-            return text[: min(found)]
+            return text[: min(found)[1]]
         keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
         self._pending = text[len(text) - keep:]
         return text[: len(text) - keep]
