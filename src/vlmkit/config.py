@@ -125,6 +125,9 @@ class TrainConfig:
     # While the vision encoder is frozen, its features of each image are computed once and reused
     # (model/feature_cache.py), up to this much memory; 0 turns the cache off.
     vision_feature_cache_gb: float = 4.0
+    # "word_norm": a new projector between pretrained parts starts with image tokens of the LM's
+    # word-embedding norm, measured on the first training images (model/projector_scale.py); "none".
+    projector_init: str = "word_norm"
     torch_compile: bool = False
     optimizer: str = "adamw"  # or "muon": Muon for the LM's hidden matrices, AdamW for the rest (train/muon.py)
     fsdp: str = ""  # transformers' fsdp option, e.g. "full_shard auto_wrap"; see configs/fsdp.yaml

@@ -1,5 +1,6 @@
 """Projectors: token counts agree with `output_tokens`, padding never leaks, pixel shuffle layout, tiny VLMs."""
 
+import copy
 from functools import cache
 
 import pytest
@@ -75,6 +76,18 @@ def test_output_shape_matches_output_tokens(name, args):
         assert shared.shape == (2, counts[0], TEXT_DIM)
 
     check()
+
+
+@pytest.mark.parametrize(("name", "args"), VARIANTS, ids=VARIANT_IDS)
+def test_scale_output_multiplies_every_token(name, args):
+    projector = copy.deepcopy(_projector(name, tuple(args.items()), 1))
+    m = projector_class(name).grid_multiple(args)
+    grids = [(m, m), (2 * m, m)]
+    features = _features(grids, 1)
+    with torch.no_grad():
+        before = projector(features, grids)
+        projector.scale_output_(2.5)
+        torch.testing.assert_close(projector(features, grids), 2.5 * before, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("name", "args"), VARIANTS, ids=VARIANT_IDS)

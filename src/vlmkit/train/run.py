@@ -20,11 +20,14 @@ from vlmkit.data.records import IMAGE_MARKER, VIDEO_MARKER, read_record_files
 from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
 from vlmkit.model.feature_cache import FeatureCache
+from vlmkit.model import projector_scale
+from vlmkit.processing.image_processing import concat_image_inputs
 from vlmkit.train import distributed, lora
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, VLMTrainer, apply_learning_rates, training_arguments
 from vlmkit.train.vision_tags import run_vision_stage
 
+CALIBRATION_RECORDS = 16  # the first records with images: enough for a mean norm, seconds of encoding
 
 
 def _texts(records) -> list[str]:
@@ -44,10 +47,14 @@ def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
 
     Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
     """
+    projector_scale.check_mode(cfg.train.projector_init)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
     built = build(cfg.model, training_texts=lambda: _tokenizer_texts(cfg, records), tokenizer=tokenizer)
     model, processor = built.model, built.processor
     rates = cfg.train.learning_rates(built.random_modules)
+    # A new projector between a pretrained tower and a pretrained LM; a resumed run loads its weights.
+    if checkpoint is None and built.random_modules == {"projector"} and cfg.train.projector_init == "word_norm":
+        calibrate_projector(model, records, processor, cfg, log)
     if cfg.lora.enabled:
         lora.check(cfg.lora, rates, cfg.model)
         model = lora.wrap(model, processor, cfg.lora, cfg.model, Path(cfg.train.output_dir))
@@ -57,6 +64,18 @@ def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
         vlm = model.get_base_model() if hasattr(model, "get_base_model") else model
         vlm.feature_cache = FeatureCache(int(cfg.train.vision_feature_cache_gb * 2**30))
     return model, processor, rates
+
+
+def calibrate_projector(model, records, processor, cfg: RunConfig, log=print) -> None:
+    """Scale the new projector's output to the LM's word embeddings on the first training images
+    (vlmkit/model/projector_scale.py)."""
+    with_images = [record for record in records if record.images][:CALIBRATION_RECORDS]
+    if not with_images:
+        return
+    sample = ConversationDataset(with_images, processor, cfg.data.max_length, max_pixels=cfg.data.max_pixels)
+    inputs = concat_image_inputs([sample[i] for i in range(len(sample))])
+    before, after = projector_scale.match_word_embedding_norm(model, inputs)
+    log(f"projector output scaled to the LM's word embeddings: token norm {before:.3g} -> {after:.3g}")
 
 
 def run(cfg: RunConfig, log=print) -> Path:

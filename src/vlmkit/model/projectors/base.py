@@ -37,6 +37,15 @@ class Projector(nn.Module):
         """What both sides of a patch grid must be divisible by (the image slicer sizes crops to fit)."""
         return 1
 
+    @torch.no_grad()
+    def scale_output_(self, factor: float) -> None:
+        """Multiply every output token by `factor`: scales the last linear layer, which ends the
+        projectors that have no output map of their own (override where another map ends it)."""
+        last = [module for module in self.modules() if isinstance(module, nn.Linear)][-1]
+        last.weight.mul_(factor)
+        if last.bias is not None:
+            last.bias.mul_(factor)
+
 
 def crop_grids(grids, features: torch.Tensor, prefix: int) -> list[Grid]:
     """One (h, w) per crop, from a shared grid or a per-crop list, checked against the features."""

@@ -70,6 +70,10 @@ class ResamplerProjector(Projector):
     def output_tokens(grid: Grid, prefix: int, args: dict) -> int:
         return query_count(args, 64)
 
+    @torch.no_grad()
+    def scale_output_(self, factor: float) -> None:
+        self.proj.mul_(factor)
+
     def forward(self, features, grids):
         grids = crop_grids(grids, features, self.prefix)
         lengths = [h * w for h, w in grids]

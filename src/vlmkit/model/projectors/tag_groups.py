@@ -100,6 +100,17 @@ class TagGroupProjector(Projector):
     def output_tokens(grid: Grid, prefix: int, args: dict) -> int:
         return PixelShuffleProjector.output_tokens(grid, prefix, args) * tokens_per_cell(args)
 
+    @torch.no_grad()
+    def scale_output_(self, factor: float) -> None:
+        """Tokens are sums of the group maps, group embeddings and positions: all of them scale."""
+        for proj in self.proj:
+            proj.weight.mul_(factor)
+            proj.bias.mul_(factor)
+        self.group_embedding.mul_(factor)
+        self.positions.embedding.mul_(factor)
+        if self.features is not None:
+            self.features.scale_output_(factor)
+
     def load_head(self, state: dict[str, torch.Tensor], source: str = HEAD_FILE) -> None:
         """Copy in the vision stage's tag head (its `weight` and `bias`, as saved in HEAD_FILE)."""
         shapes = {"weight": tuple(self.head_weight.shape), "bias": tuple(self.head_bias.shape)}
