@@ -9,10 +9,9 @@ both levels, and the `vlmkit train` command line.
 import json
 
 import pytest
-import torch
 from PIL import Image
 
-from tests.conftest import TEST_TEXT, TEST_VISION, tiny_model_config
+from tests.conftest import TEST_TEXT, TEST_VISION
 from vlmkit.cli import main
 from vlmkit.data.dataset import ConversationDataset
 from vlmkit.data.records import Record, read_records
@@ -20,21 +19,6 @@ from vlmkit.errors import DataError
 
 MAX_LENGTH = 200
 MAX_PIXELS = 4000  # data.max_pixels, lowered so that a small file can be "too large"
-
-
-@pytest.fixture(scope="module")
-def processor(train_records):
-    from vlmkit.model.build import build
-    from vlmkit.train.run import _texts
-
-    torch.manual_seed(0)
-    return build(tiny_model_config(), training_texts=lambda: _texts(train_records)).processor
-
-
-@pytest.fixture
-def good(train_records):
-    """Three single-image synth records as JSON objects, image paths absolute, all under MAX_LENGTH tokens."""
-    return [r.to_json() for r in train_records if len(r.images) == 1][:3]
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from openai.types import CreateEmbeddingResponse, Model  # noqa: E402
 from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
 from openai.types.shared import ErrorObject  # noqa: E402
 
+from tests.processing.test_images import EPS  # noqa: E402
 from vlmkit.serve.api import background_server, create_app  # noqa: E402
 from vlmkit.serve.generation import GenerationSettings, stream_reply  # noqa: E402
 from vlmkit.serve.openai_schema import MAX_STOP_CHARS  # noqa: E402
@@ -208,6 +209,12 @@ def _bomb_png() -> bytes:
     return buffer.getvalue()
 
 
+def _strip_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (4, 60_000)).save(buffer, "PNG")  # a few KB, but padded to a square 60000x60000
+    return buffer.getvalue()
+
+
 def malformed_requests() -> list[tuple[str, dict, int]]:
     """(what, httpx request arguments, expected status) for each kind of bad request."""
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -217,7 +224,7 @@ def malformed_requests() -> list[tuple[str, dict, int]]:
         body = {"model": NAME, "messages": [ok_turn]} | fields
         return {"method": "POST", "url": "/v1/chat/completions", "headers": auth, "json": body}
 
-    def raw(content: bytes, headers=auth):
+    def raw(content: bytes, headers=auth | {"Content-Type": "application/json"}):
         return {"method": "POST", "url": "/v1/chat/completions", "headers": headers, "content": content}
 
     def image_turn(url: str):
@@ -256,6 +263,9 @@ def malformed_requests() -> list[tuple[str, dict, int]]:
         ("non-image bytes", chat(messages=image_turn(data_url(b"this is not an image at all"))), 400),
         ("truncated PNG", chat(messages=image_turn(data_url(png[: len(png) // 2]))), 400),
         ("decompression bomb", chat(messages=image_turn(data_url(_bomb_png()))), 400),
+        ("EPS image (Ghostscript)", chat(messages=image_turn(data_url(EPS))), 400),
+        ("image of 4x60000 pixels", chat(messages=image_turn(data_url(_strip_png()))), 400),
+        ("body sent as text/plain", raw(b'{"model": "tiny"}', headers=auth | {"Content-Type": "text/plain"}), 415),
         ("prompt longer than the context", chat(messages=[{"role": "user", "content": "red circle " * 600}]), 400),
         ("max_tokens beyond the context", chat(max_tokens=100_000), 400),
         ("unknown model", chat(model="gpt-4o"), 404),
@@ -276,8 +286,8 @@ def test_200_malformed_requests_get_4xx_json_errors_and_the_server_keeps_serving
             assert response.status_code == status, (what, response.text)
             error = response.json()["error"]
             assert isinstance(error["message"], str) and error["message"] and "type" in error, what
-        oversize = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                             content=b" " * (33 * 2**20))  # fmt: skip
+        oversize = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}",
+                             "Content-Type": "application/json"}, content=b" " * (33 * 2**20))  # fmt: skip
         assert oversize.status_code == 413 and oversize.json()["error"]["code"] == "request_too_large"
     reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], temperature=0,
                                            max_tokens=4)  # fmt: skip

@@ -1,10 +1,12 @@
 """Training examples: records -> token ids, labels and pixel values, checked before training starts.
 
 The text of every record is tokenised up front (fast, and it gives exact lengths for length
-checks, grouping and packing); images are only opened far enough to read their headers then,
-and decoded when an example is fetched. A bad record (missing or unreadable image, too long,
-nothing to learn) raises a DataError naming file, line and id -- or, with `skip_bad`, is left
-out and counted, never silently replaced by another one.
+checks, grouping and packing), and every image is decoded once then too (and again whenever
+its example is fetched): an image whose checksums are sound but whose pixels are not is found
+only by decoding it, and must be found before training starts, not by a batch halfway through.
+A bad record (missing or unreadable image, too long, nothing to learn) raises a DataError
+naming file, line and id -- or, with `skip_bad`, is left out and counted, never silently
+replaced by another one. Videos are only probed up front; their frames are decoded when fetched.
 """
 
 from __future__ import annotations
@@ -105,8 +107,8 @@ class ConversationDataset(Dataset):
         return prepare_all(pairs, self._check, skip_bad, skipped)  # the count of skipped records spans both passes
 
     def _expand(self, record: Record) -> tuple[Record, list[dict]]:
-        """The record and its turns with the image placeholders laid out (from image headers alone)."""
-        sizes = [self._open(record, p, decode=False).size for p in record.images]
+        """The record and its turns with the image placeholders laid out (each image decoded once, to check it)."""
+        sizes = [self._open(record, p, decode=True).size for p in record.images]
         conversations = record.conversations
         if record.video:
             probe = self._video(record, decode=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -82,10 +83,11 @@ def normalise(raw: dict, base_dir: Path, path: Path | str = "<memory>", line: in
         images = [images]
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         fail("field 'images' must be a list of non-empty path strings")
-    images = [str(p if Path(p).is_absolute() else base_dir / p) for p in images]
     video = raw.get("video")
     if video is not None and not (isinstance(video, str) and video):
         fail("field 'video' must be one non-empty path string (a record holds at most one video)")
+    given = [str(record_id), *images, video or ""]  # checked as text below, before base_dir joins them
+    images = [str(p if Path(p).is_absolute() else base_dir / p) for p in images]
     video = str(video if Path(video).is_absolute() else base_dir / video) if video else None
 
     turns = raw.get("conversations")
@@ -125,9 +127,22 @@ def normalise(raw: dict, base_dir: Path, path: Path | str = "<memory>", line: in
     category = raw.get("category")
     if category is not None and not isinstance(category, str):
         fail("field 'category' must be a string")
+    if not all(_is_unicode(text) for text in [*given, category or "", *(t["content"] for t in conversations)]):
+        fail("holds a lone surrogate escape (\\ud800-\\udfff), which is not text in any encoding; "
+             "fix the tool that wrote the file")  # fmt: skip
     known = {"id", "images", "image", "video", "conversations", "category"}
     extra = {k: v for k, v in raw.items() if k not in known}
     return Record(str(record_id), images, conversations, category, str(path), line, extra, video)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON allows the escape): the tokenizer and the file
+    system both refuse one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict | DataError]]:
@@ -135,14 +150,32 @@ def iter_jsonl(path: Path | str) -> Iterator[tuple[int, dict | DataError]]:
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path)
-    with path.open(encoding="utf-8") as handle:
-        for line_no, text in enumerate(handle, start=1):
-            if not text.strip():
+    with path.open("rb") as handle:  # bytes, decoded line by line: a bad byte spoils its line only
+        for line_no, data in enumerate(handle, start=1):
+            if not data.strip():
                 continue
             try:
-                yield line_no, json.loads(text.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                yield line_no, DataError(f"malformed JSON ({err.msg} at column {err.colno})", path, line_no)
+                item = parse_json_line(data.rstrip(b"\r\n"))
+            except DataError as err:
+                item = DataError(err.problem, path, line_no)
+            yield line_no, item
+
+
+def parse_json_line(data: bytes):
+    """One line of UTF-8 JSON, parsed; every way it can fail is a DataError (without file or line)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 (byte 0x{data[err.start]:02x} at column {err.start + 1}); "
+                        "save the file as UTF-8") from None  # fmt: skip
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"malformed JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read") from None
+    except ValueError:  # the one other failure: an integer over Python's limit on digits
+        raise DataError(f"number too long to read (over {sys.get_int_max_str_digits()} digits)") from None
 
 
 def read_records(path: Path | str, skip_bad: bool = False, parse=None,

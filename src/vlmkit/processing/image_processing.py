@@ -25,6 +25,7 @@ RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Ima
 RESIZE_MODES = ("pad", "crop", "squash")
 SLICING_MODES = ("minicpm", "anyres")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+PAD_LIMIT = 4  # images longer than this many model inputs are shrunk before padding to a square
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class VLMImageProcessor(BaseImageProcessor):
     def to_square(self, image: Image.Image) -> Image.Image:
         w, h = image.size
         if self.resize_mode == "pad" and w != h:
+            if max(w, h) > PAD_LIMIT * self.size:
+                # A long strip would pad to a square of its long side (a 1:50 image at the pixel
+                # limit: gigabytes); shrunk first, the canvas stays within (PAD_LIMIT * size)^2.
+                scale = PAD_LIMIT * self.size / max(w, h)
+                image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), RESAMPLE[self.resample])
+                w, h = image.size
             side = max(w, h)
             fill = tuple(int(255 * m) for m in self.image_mean)
             canvas = Image.new("RGB", (side, side), fill)

@@ -5,6 +5,10 @@ as server-sent events), `POST /v1/embeddings` for a retriever (query embeddings)
 `GET /health`. Responses are built with the `openai` package's own types; every error is a
 JSON body in OpenAI's shape; bad input gets a 4xx and never stops the server. Requests run one
 at a time through `vlmkit.serve.engine`.
+
+Cheap limits come before expensive work: the key, then the content type and the body's size
+(before it is read), then the prompt's length in characters (before it is tokenised) and each
+image's header (before it is decoded).
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
                                 "embedding format cannot carry", "model", code="multi_vector_model")  # fmt: skip
         if ask.dimensions not in (None, embedding_size):
             raise ApiError(400, f"this model's embeddings have {embedding_size} dimensions", "dimensions")
-        texts = embedding_texts(ask, special_tokens)
+        texts = embedding_texts(ask, special_tokens, context)
         try:
             vectors, tokens = await engine.run(lambda: embed(texts))
         except Busy as err:
@@ -152,7 +156,7 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
         if retriever:
             raise ApiError(400, f"{model_name!r} is a retriever: it answers /v1/embeddings, not chat", "model",
                            code="model_not_generative")  # fmt: skip
-        job = await run_in_threadpool(to_job, chat, special_tokens, MAX_PIXELS)  # decoding images takes a while
+        job = await run_in_threadpool(to_job, chat, special_tokens, MAX_PIXELS, context)  # decoding images: slow
         try:
             prompt_tokens = await run_in_threadpool(engine.prompt_tokens, job.messages, job.images,
                                                     job.settings.max_slices)  # fmt: skip
@@ -184,7 +188,20 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refused with 413 as soon as it grows past `limit` (chunked uploads too)."""
+    """The JSON request body: 415 unless sent as application/json; 413 past `limit` bytes.
+
+    Only JSON's content type is accepted so that a web page cannot post to this server from the
+    user's browser: a form or text/plain post goes out without asking, application/json only after
+    a CORS preflight, which this server does not grant. A declared length over `limit` is refused
+    before a byte is read; a chunked body as soon as it grows past `limit`.
+    """
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, f"the request body must be JSON sent with Content-Type: application/json, not "
+                            f"{media_type or 'no content type'}", code="unsupported_media_type")  # fmt: skip
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > 15 or int(declared) > limit):  # 16+ digits: over any limit
+        raise ApiError(413, f"the request body is over {limit // 2**20} MiB", code="request_too_large")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk

@@ -28,6 +28,10 @@ DEFAULT_MAX_TOKENS = 256  # when a request names none (and the context has room)
 MAX_IMAGES = 8  # per request
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 256  # per stop string: far beyond any real end marker, and the held-back text stays short
+# Characters one token may stand for, at most, as far as the prompt-length check is concerned. Real
+# text averages 3 to 5 per token; a prompt over context x 16 characters is refused before it is
+# tokenised, since tokenising takes hundreds of bytes per character (10 MB of text: 3.6 GB).
+MAX_CHARS_PER_TOKEN = 16
 
 
 class ApiError(Exception):
@@ -144,9 +148,25 @@ def checked_text(text: str, special_tokens: set[str], param: str) -> str:
     return text
 
 
-def to_job(request: ChatRequest, special_tokens: set[str], max_pixels: int) -> Job:
+def check_length(chars: int, context: int, param: str, what: str) -> None:
+    """A 400 for text whose characters alone show that it cannot fit the context (no tokenising needed)."""
+    if chars > context * MAX_CHARS_PER_TOKEN:
+        raise ApiError(400, f"{what} {chars} characters, more than this model's context of {context} tokens can "
+                            f"hold (at most {context * MAX_CHARS_PER_TOKEN}, {MAX_CHARS_PER_TOKEN} per token)", param,
+                       code="context_length_exceeded")  # fmt: skip
+
+
+def text_chars(message: Message) -> int:
+    """The characters of a message's text (image parts not counted)."""
+    if isinstance(message.content, str):
+        return len(message.content)
+    return sum(len(part.text) for part in message.content if isinstance(part, TextPart))
+
+
+def to_job(request: ChatRequest, special_tokens: set[str], max_pixels: int, context: int) -> Job:
     """vlmkit messages (image parts become `<image>` markers in place), decoded images and stop strings."""
     stop = stop_strings(request)  # before any image is decoded
+    check_length(sum(map(text_chars, request.messages)), context, "messages", "the messages hold")  # before tokenising
     messages, images = [], []
     for i, message in enumerate(request.messages):
         parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
@@ -193,12 +213,13 @@ def settings(request: ChatRequest) -> GenerationSettings:
     )  # fmt: skip
 
 
-def embedding_texts(request: EmbeddingRequest, special_tokens: set[str]) -> list[str]:
-    """The texts to embed, checked: 1 to MAX_EMBEDDING_INPUTS non-empty strings."""
+def embedding_texts(request: EmbeddingRequest, special_tokens: set[str], context: int) -> list[str]:
+    """The texts to embed, checked: 1 to MAX_EMBEDDING_INPUTS non-empty strings, none beyond the context."""
     texts = [request.input] if isinstance(request.input, str) else request.input
     if not 1 <= len(texts) <= MAX_EMBEDDING_INPUTS:
         raise ApiError(400, f"input must hold 1 to {MAX_EMBEDDING_INPUTS} texts, not {len(texts)}", "input")
     for i, text in enumerate(texts):
+        check_length(len(text), context, f"input[{i}]", "the input has")
         if not text.strip():
             raise ApiError(400, "an input text is empty", f"input[{i}]")
         checked_text(text, special_tokens, f"input[{i}]")

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from transformers import ProgressCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import RunConfig, to_yaml
 from vlmkit.data.preferences import read_preferences
@@ -32,7 +31,7 @@ from vlmkit.train.dpo import (
 )
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.run import prepare_model
-from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, training_arguments
+from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, last_checkpoint, training_arguments
 
 
 def run_dpo(cfg: RunConfig, log=print) -> Path:
@@ -47,7 +46,7 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
     # Every record is checked before the model is built.
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad, reader=read_preferences)
     eval_records = read_preferences(cfg.data.eval, skip_bad=cfg.data.skip_bad)[0] if cfg.data.eval else None
-    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
+    checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
     model, processor, rates = prepare_model(cfg, records, checkpoint, log)
     log(f"DPO beta {cfg.dpo.beta}")
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, ProgressCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import ModelConfig, TrainConfig, load_config, to_yaml
 from vlmkit.data.page_store import PageStore
@@ -34,7 +33,7 @@ from vlmkit.processing.processor import VLMProcessor
 from vlmkit.train import distributed
 from vlmkit.train.contrastive import RetrieverTrainer
 from vlmkit.train.progress import ProgressBar
-from vlmkit.train.trainer import training_arguments
+from vlmkit.train.trainer import last_checkpoint, training_arguments
 from vlmkit.train.trainer import apply_learning_rates
 
 CONFIG_FILE = "vlmkit_retriever.yaml"
@@ -141,7 +140,7 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
     store = PageStore(cfg.data.docs)
     check_ids(pairs, store.index.keys(), cfg.data.train, cfg.data.docs)
     # Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
-    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
+    checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
     if cfg.train.resume and checkpoint is None:
         log(f"no checkpoint in {out}; starting from the beginning")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None

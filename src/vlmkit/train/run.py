@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from transformers import AutoTokenizer, ProgressCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import RunConfig, to_yaml
 from vlmkit.data.dataset import Collator, ConversationDataset, VideoSettings
@@ -24,7 +23,8 @@ from vlmkit.model import projector_scale
 from vlmkit.processing.image_processing import concat_image_inputs
 from vlmkit.train import distributed, lora
 from vlmkit.train.progress import ProgressBar
-from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, VLMTrainer, apply_learning_rates, training_arguments
+from vlmkit.train.trainer import (CONFIG_FILE, SUMMARY_FILE, VLMTrainer, apply_learning_rates, last_checkpoint,
+                                  training_arguments)
 from vlmkit.train.vision_tags import run_vision_stage
 
 CALIBRATION_RECORDS = 16  # the first records with images: enough for a mean norm, seconds of encoding
@@ -72,7 +72,10 @@ def calibrate_projector(model, records, processor, cfg: RunConfig, log=print) ->
     with_images = [record for record in records if record.images][:CALIBRATION_RECORDS]
     if not with_images:
         return
-    sample = ConversationDataset(with_images, processor, cfg.data.max_length, max_pixels=cfg.data.max_pixels)
+    sample = ConversationDataset(with_images, processor, cfg.data.max_length, skip_bad=cfg.data.skip_bad,
+                                 max_pixels=cfg.data.max_pixels)  # fmt: skip
+    if not len(sample):
+        return
     inputs = concat_image_inputs([sample[i] for i in range(len(sample))])
     before, after = projector_scale.match_word_embedding_norm(model, inputs)
     log(f"projector output scaled to the LM's word embeddings: token norm {before:.3g} -> {after:.3g}")
@@ -94,7 +97,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
     distributed.check(cfg.train)
 
-    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
+    checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
     if cfg.train.resume and checkpoint is None:
         log(f"no checkpoint in {out}; starting from the beginning")
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)

@@ -3,17 +3,26 @@ and the Trainer's arguments from a run configuration.
 
 Everything else -- DDP/FSDP/DeepSpeed, gradient accumulation with the loss normalised by the
 supervised tokens of the whole window (`num_items_in_batch`), mixed precision, checkpoints
-that resume exactly -- is the Trainer's own.
+that resume exactly -- is the Trainer's own, except that a checkpoint is written into a staging
+folder and renamed to `checkpoint-N` only when complete, and that resuming (`last_checkpoint`)
+skips a `checkpoint-N` that is not complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlmkit.config import LearningRates, RunConfig
 from vlmkit.errors import ConfigError
@@ -26,6 +35,10 @@ SUMMARY_FILE = "train_summary.json"
 
 # Config name -> attribute of VLMForConditionalGeneration (also found under PEFT's wrappers).
 MODULES = {"vision": "vision_tower", "projector": "projector", "lm": "language_model"}
+
+# `checkpoint-N` is written as STAGING + `checkpoint-N/checkpoint-N`, then moved up. The Trainer's
+# own checkpoint lookups match names that start with `checkpoint-`, so they never see a staging folder.
+STAGING = "tmp-"
 
 
 def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> TrainingArguments:
@@ -102,11 +115,42 @@ class VLMTrainer(Trainer):
                  **kwargs):
         self.learning_rates = learning_rates
         self.optimizer_name = optimizer_name
+        self._staging_dir = None  # set while a checkpoint is being written
         super().__init__(*args, **kwargs)
         self.time_budget = None
         if time_budget > 0:  # settings checked by time_budget.check, through distributed.check
             self.time_budget = TimeBudget(time_budget, self.args.warmup_steps)
             self.add_callback(TimeBudgetCallback(self.time_budget))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into a staging folder and renamed to `checkpoint-N` only
+        when every process has written its part: a kill mid-write leaves a staging folder (removed
+        by the next save), never a `checkpoint-N` that `--resume` would take and fail on."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING + name)
+        if self.args.should_save:
+            for leftover in Path(run_dir).glob(f"{STAGING}{PREFIX_CHECKPOINT_DIR}-*"):  # of saves killed midway
+                shutil.rmtree(leftover)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging  # the Trainer writes staging/checkpoint-N (and rotates nothing there)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):  # e.g. an incomplete one that resuming skipped
+                os.replace(final, os.path.join(staging, "replaced"))
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging)
+            # (vlmkit sets no metric_for_best_model, so there is no best checkpoint to keep apart)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()  # every process leaves the save with the checkpoint in place
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.time_budget is None or self.lr_scheduler is not None:
@@ -137,3 +181,37 @@ class VLMTrainer(Trainer):
         else:
             self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
         return self.optimizer
+
+
+def last_checkpoint(output_dir: str | Path, log=print) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir` to resume from, or None.
+
+    An incomplete one (a kill while an older vlmkit wrote it in place, or a machine that lost power
+    before its files reached the disk) is skipped with a warning naming it and what is wrong.
+    """
+    steps = {}
+    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
+        if match and path.is_dir():
+            steps[path] = int(match[1])
+    for path in sorted(steps, key=steps.get, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        log(f"warning: skipping the incomplete checkpoint {path} ({problem}); trying the one before it")
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be resumed from, or None. The Trainer writes its
+    state file last, so a folder with a readable one and no empty file is complete."""
+    try:
+        json.loads((path / TRAINER_STATE_NAME).read_text(encoding="utf-8"))["global_step"]
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE_NAME}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{TRAINER_STATE_NAME} is unreadable"
+    empty = sorted(f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file() and not f.stat().st_size)
+    if empty:
+        return f"empty file(s): {', '.join(empty)}"
+    return None

@@ -37,7 +37,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 from transformers import ProgressCallback, Trainer, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from vlmkit.config import LearningRates, RunConfig, to_yaml
 from vlmkit.data.records import Record, prepare_all, read_record_files
@@ -48,7 +47,7 @@ from vlmkit.model.projectors.tag_groups import HEAD_FEATURE_KEYS, HEAD_FILE, TAG
 from vlmkit.processing.images import open_image
 from vlmkit.train import distributed
 from vlmkit.train.progress import ProgressBar
-from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, training_arguments
+from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, last_checkpoint, training_arguments
 
 MIN_TAG_COUNT = 3  # rarer words teach nothing general and only add outputs
 MAX_POSITIVE_WEIGHT = 100.0
@@ -196,7 +195,7 @@ def run_vision_stage(cfg: RunConfig, log=print) -> Path:
     set_seed(cfg.train.seed)
     log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
     distributed.check(cfg.train)
-    checkpoint = get_last_checkpoint(str(out)) if cfg.train.resume and out.is_dir() else None
+    checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)
     tower, random = build_vision_tower(cfg.model)
     encode_config = SimpleNamespace(vision_config=tower.config, vision_feature_layer=cfg.model.vision_feature_layer,
