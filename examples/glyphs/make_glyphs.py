@@ -9,9 +9,10 @@ name) going to the test split only, so the test asks about letterforms never see
     vlmkit train --train-data data/glyphs/train.jsonl --output-dir runs/glyphs
     vlmkit eval --model runs/glyphs --data data/glyphs/test.jsonl
 
-train.jsonl holds one image and three questions a record (which digit, even or odd, greater
-than four); test.jsonl one question a record, with its category (digit: 10-way; parity,
-greater: 2-way).
+Every record asks one question about one image, with its category (digit: 10-way; parity,
+greater: 2-way). train.jsonl asks all three about each of its images, in records of their
+own: asked in one conversation, the later answers could be read off the digit already said
+instead of the image. test.jsonl asks one question, drawn at random, about each of its images.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def render(digit: int, font_path: str, rng: random.Random) -> Image.Image:
     return image.convert("RGB")
 
 
-def write_split(out: Path, name: str, font_paths: list[str], n: int, seed: int, one_question: bool) -> Path:
+def write_split(out: Path, name: str, font_paths: list[str], n: int, seed: int, every_question: bool) -> Path:
     rng = random.Random(f"{seed}-{name}")
     (out / "img").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -68,15 +69,12 @@ def write_split(out: Path, name: str, font_paths: list[str], n: int, seed: int, 
         digit, font_path = i % 10, rng.choice(font_paths)
         image_path = f"img/{name}-{i:05d}.png"
         render(digit, font_path, rng).save(out / image_path)
-        kinds = [rng.choice(list(QUESTIONS))] if one_question else list(QUESTIONS)
-        turns = []
-        for k, kind in enumerate(kinds):
+        for kind in list(QUESTIONS) if every_question else [rng.choice(list(QUESTIONS))]:
             question, answer = QUESTIONS[kind]
-            turns += [{"role": "user", "content": ("<image>\n" if k == 0 else "") + question},
-                      {"role": "assistant", "content": answer(digit)}]
-        record = {"id": f"{name}-{i}", "images": [image_path], "conversations": turns,
-                  "category": kinds[0] if one_question else "all", "font": Path(font_path).name}
-        lines.append(json.dumps(record))
+            turns = [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": answer(digit)}]
+            record = {"id": f"{name}-{i}" + (f"-{kind}" if every_question else ""), "images": [image_path],
+                      "conversations": turns, "category": kind, "font": Path(font_path).name}
+            lines.append(json.dumps(record))
     path = out / f"{name}.jsonl"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -87,8 +85,8 @@ def write_split(out: Path, name: str, font_paths: list[str], n: int, seed: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/glyphs")
-    parser.add_argument("--train", type=int, default=1000, help="training records (three questions each)")
-    parser.add_argument("--test", type=int, default=600, help="test records (one question each)")
+    parser.add_argument("--train", type=int, default=1000, help="training images (three records each)")
+    parser.add_argument("--test", type=int, default=600, help="test images (one record each)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     families = fonts()
@@ -98,8 +96,8 @@ def main() -> None:
     train_fonts = [p for family, paths in families.items() if family not in held_out for p in paths]
     test_fonts = [p for family in held_out for p in families[family]]
     out = Path(args.out)
-    write_split(out, "train", train_fonts, args.train, args.seed, one_question=False)
-    write_split(out, "test", test_fonts, args.test, args.seed, one_question=True)
+    write_split(out, "train", train_fonts, args.train, args.seed, every_question=True)
+    write_split(out, "test", test_fonts, args.test, args.seed, every_question=False)
     info = {"train_families": [f for f in families if f not in held_out], "test_families": held_out,
             "train_fonts": len(train_fonts), "test_fonts": len(test_fonts)}
     (out / "info.json").write_text(json.dumps(info, indent=2))
