@@ -2,9 +2,9 @@
 
     python benchmarks/packing.py [--packing-length 0] [--steps 30] [--batch-size 16] [--repeats 2] [--data DIR]
 
-Both settings train the tiny recipe (vlmkit/configs/tiny.yaml) from the same seed on the
-same batches -- the SFT mix of the demo, multi-turn questions plus captions, whose lengths
-vary a lot -- so the only difference is the padding a padded batch computes and a packed
+Both settings train the tiny from-scratch defaults (vlmkit/configs/scratch.yaml) from the same
+seed on the same batches -- the built-in data's SFT mix, multi-turn questions plus captions,
+whose lengths vary a lot -- so the only difference is the padding a padded batch computes and a packed
 one does not. Reported per setting (median over repeats, which alternate): seconds of
 training, samples/s, and supervised tokens/s; and the padding share of the padded batches.
 """

@@ -10,9 +10,12 @@ official openai client, streaming, so the time to the first token is seen as a c
 - single request, repeated: time to first token, total latency, decode tokens/s (medians);
 - N concurrent requests (default 8): wall time and completion tokens per second overall.
 
-Without --model, a model with the demo's architecture and random weights is built: it runs
-at the same speed, but its answers mean nothing (and run to --max-tokens). `--accuracy`
-scores float32 and int8 on a test split with `vlmkit.eval.vqa` and reports the change.
+Without --model, the model of `make demo` before training is built from
+configs/demo-align.yaml: the pretrained DINOv2-small and SmolLM2-135M-Instruct (as `vlmkit
+models fetch` stores them) joined by a new MLP projector. It runs at the trained model's
+speed, but its answers mean nothing, and they are as long as SmolLM2 makes them, up to
+--max-tokens. `--accuracy` scores float32 and int8 on a test split with `vlmkit.eval.vqa` and
+reports the change.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from vlmkit.serve.quantize import quantize
 QUESTION = "Describe the picture."
 
 
-def demo_architecture_model(out: Path) -> Path:
-    """A random-weight model with the demo recipe's architecture, saved to `out`."""
+def untrained_demo_model(out: Path) -> Path:
+    """`make demo`'s model before training (demo-align.yaml: pretrained parts, a new projector), saved to `out`."""
     from vlmkit.config import load_config
     from vlmkit.demo import recipe
     from vlmkit.model.build import build
@@ -135,7 +138,7 @@ def accuracy(model_dir: Path, data: Path, limit: int | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="saved model (default: random weights, demo architecture)")
+    parser.add_argument("--model", type=Path, help="saved model (default: make demo's composition untrained: pretrained DINOv2-small and SmolLM2, a new projector)")
     parser.add_argument("--quantize", choices=["int8"], help="measure int8 too, beside float32")
     parser.add_argument("--repeats", type=int, default=5, help="single requests to take the median of")
     parser.add_argument("--concurrent", type=int, default=8)
@@ -145,8 +148,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
 
-    model_dir = args.model or demo_architecture_model(Path(tempfile.mkdtemp(prefix="vlmkit-bench-")))
-    report = {"model": str(args.model or "random weights, demo architecture"), "torch_threads": torch.get_num_threads()}
+    model_dir = args.model or untrained_demo_model(Path(tempfile.mkdtemp(prefix="vlmkit-bench-")))
+    report = {"model": str(args.model or "make demo's composition, untrained projector"), "torch_threads": torch.get_num_threads()}
     if args.accuracy:
         report["accuracy"] = accuracy(model_dir, args.accuracy, args.limit)
     else:

@@ -29,7 +29,7 @@ from vlmkit.train.trainer import SUMMARY_FILE
 QUICK_SIZES = {"train": 400, "captions": 200, "val": 40, "test": 160, "compositional": 70}
 QUICK_OVERRIDES = ["train.max_steps=30", "train.batch_size=8", "train.save_steps=1000"]
 
-SFT_STEPS = 6000  # test 0.97-0.98 and compositional 0.90-0.92 at 5,800-7,200 steps (docs/results.md)
+SFT_STEPS = 6000  # at 5,888 steps: test 0.974, compositional 0.900 (docs/results.md, `make demo-scratch`)
 
 
 def recipe(name: str) -> Path:

@@ -162,8 +162,8 @@ def test_synth_writes_every_split_with_readable_images(synth_dir):
 
 def test_captions_name_each_cell_before_what_is_in_it():
     """Fact lists go through all four cells in reading order, each as shape, colour, size;
-    prose names the cell before the object. Both must agree with the scene (docs/design.md:
-    why the cell comes first)."""
+    prose names the cell before the object. Both must agree with the scene (why the cell comes
+    first: `fact_list` in vlmkit/data/scenes.py)."""
     seen = Counter()
     for index in range(400):  # half the captions are of a word
         record, (scene,) = make_record(0, "captions", index)

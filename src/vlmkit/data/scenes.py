@@ -130,9 +130,10 @@ def fact_list(scene: Scene, rng: random.Random) -> str:
     Naming the cell first is what lets a model trained from scratch get started: to write the
     next fact it only has to look at the image token of a cell it has just been told, so the
     vision tower is asked for each object's shape, colour and size long before the language
-    model can find an object by its content (docs/design.md). Shape comes first, where the
-    model's attention is already on the named cell: with shape and colour in random order it
-    bet on the easier colour there, and learnt shape at half the speed (docs/design.md)."""
+    model can find an object by its content. Shape comes first, where the model's attention
+    is already on the named cell: with shape and colour in random order it bet on the easier
+    colour there, and learnt shape at half the speed (docs/design.md, "The from-scratch shapes
+    example")."""
     if scene.word is not None:
         return f"text {scene.word} {scene.word_colour}."
     by_cell = {o.cell: o for o in scene.objects}

@@ -51,9 +51,9 @@ PHRASINGS = {
     "compare": ("Which image has more {noun}?", "Which of the two images shows more {noun}?"),
 }
 # Half the captions are of a word: a vision tower needs far more examples to read the 70 words
-# than to see colours and shapes, and the captions are where the demo's vision stage learns
-# both. With a share of 0.35 its tower named 0.02-0.06 of the test's words, with 0.5 0.89
-# (docs/design.md, "The vision stage").
+# than to see colours and shapes, and the captions are where the shapes example's vision stage
+# learns both. With a share of 0.35 its tower named 0.02-0.06 of the test's words, with 0.5 0.89
+# (docs/design.md, "The from-scratch shapes example").
 WORD_CAPTION_SHARE = 0.5
 CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Give a short description of the image.")
 
@@ -244,7 +244,7 @@ def make_record(seed: int, split: str, index: int, turns: int = 1) -> tuple[dict
         qas = [qa]
         if turns > 1 and category == "compare":
             # Comparisons of other nouns than the first question's. With one turn to a compare record, where
-            # the others carry five, compare got about 1 turn in 33 and was learnt least (docs/design.md).
+            # the others carry five, compare got about 1 turn in 33 and was learnt least.
             extra = compare_questions(maker, *scenes, asked=qa.question)
             qas += rng.sample(extra, min(turns - 1, len(extra)))
             rng.shuffle(qas)

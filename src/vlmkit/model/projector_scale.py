@@ -5,7 +5,8 @@ A data-dependent initialisation, as LSUV does for hidden layers: PyTorch's defau
 nothing about the scale a given LM expects, and the features' scale depends on the tower.
 Left as it was, an MLP on DINOv2-small's features gives SmolLM2 tokens of norm 1.1 where its
 words have 3.2; on 40 training glyphs the projector of a frozen SmolLM2 then learned to name
-the digit in about 40 full-batch steps, against 20 with its tokens scaled (docs/results.md).
+the digit in about 40 full-batch steps, against 20 with its tokens scaled (docs/design.md,
+"A new projector starts at the LM's scale").
 """
 
 from __future__ import annotations

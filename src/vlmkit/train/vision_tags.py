@@ -2,7 +2,8 @@
 
 A pretrained CLIP or SigLIP tower comes with features worth reading. A tower trained from
 random weights inside a VLM does not: it learns only from what the language model's attention
-passes back, a weak signal while that attention is itself still forming (docs/design.md).
+passes back, a weak signal while that attention is itself still forming (docs/design.md, "The
+from-scratch shapes example").
 This stage gives the tower a direct one, from the same image-caption records the align stage
 uses: every output token scores every word of the caption vocabulary, and a log-sum-exp over
 the tokens pools the scores into one logit per word, trained to say which words the caption
@@ -10,7 +11,7 @@ uses (multi-label, as in tagging pre-training). The log-sum-exp is a smooth maxi
 is enough to claim an object, while a word that spans several tokens adds up their evidence.
 
 Captions that never pair some colour with some shape teach a tower shape detectors tied to the
-colours they were seen in: the demo's tower named the shape of 0.70 of the held-out pairs'
+colours they were seen in: the shapes example's tower named the shape of 0.70 of the held-out pairs'
 objects and 0.99 of the others. `data.channel_shuffle` permutes the colour channels of a share
 of the images (a green triangle turns red, blue or purple), with the loss on the colour words
 (`data.colour_words`) left out for them, which brought the held-out pairs to 0.98.

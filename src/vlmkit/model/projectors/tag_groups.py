@@ -10,15 +10,16 @@ head scores every patch for those words, the scores are pooled over the cell by 
 learned cell and group embedding, is one more token. Tokens come cell by cell.
 
 Why: a token that holds both an object's colour and its shape lets the LM read one as
-evidence for the other. Trained on scenes that never show a blue circle, the demo's model
-learnt that no blue object is a circle, and left the compositional split's blue circles
-uncounted (count 0.49-0.65, with the cells' features and with all their word scores in one
-token alike). A token of shape scores alone carries no colour to learn that from: beside the
-features it lifted the held-out count (0.66-0.96 over ten runs) and compositional accuracy
-(9-10 points on matched seeds), but in six of those runs the model swapped the two columns of
-a row ("top left" for "top right"; test position 0.79-0.93), giving the corner of the row's
-other object, and no position code for the shape token stopped that, so the demo keeps
-`pixel_shuffle` (docs/design.md).
+evidence for the other. Trained on scenes that never show a blue circle, the from-scratch
+shapes model (`make demo-scratch`) learnt that no blue object is a circle, and left the
+compositional split's blue circles uncounted (count 0.49-0.65, with the cells' features and
+with all their word scores in one token alike). A token of shape scores alone carries no
+colour to learn that from: beside the features it lifted the held-out count (0.66-0.96 over
+ten runs) and compositional accuracy (9-10 points on matched seeds), but in six of those runs
+the model swapped the two columns of a row ("top left" for "top right"; test position
+0.79-0.93), giving the corner of the row's other object, and no position code for the shape
+token stopped that, so the shapes example keeps `pixel_shuffle`. No shipped config uses this
+projector; the runs are in the git history.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class TagGroupProjector(Projector):
         self.proj = nn.ModuleList(nn.Linear(len(group), text_dim) for group in self.groups)
         # Added after the projection, at unit scale: the projected scores are of about that size,
         # and with embeddings started at 0.02 the model placed objects worse (position 0.81 against
-        # 0.99; design.md). One position per cell, shared by its group tokens (resized for other grids).
+        # 0.99). One position per cell, shared by its group tokens (resized for other grids).
         self.group_embedding = nn.Parameter(torch.randn(len(self.groups), text_dim))
         self.positions = GridPositions(shuffled_grid(grid, self.factor), 0, text_dim, True)
 
