@@ -48,7 +48,7 @@ def cpu_model() -> str:
 def machine() -> dict:
     """What the figures were measured on."""
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": device()}  # fmt: skip
+            "torch": torch.__version__, "python": platform.python_version(), "device": device()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -125,17 +125,17 @@ def rss_mib() -> float:
 
 
 def entry(name: str, value: float | None, unit: str, reference: float | None, reference_name: str,
-          target_min: float | None = None, target_max: float | None = None, note: str = "", **details) -> dict:  # fmt: skip
+          target_min: float | None = None, target_max: float | None = None, note: str = "", **details) -> dict:
     """One figure. `ratio` is value / reference; a target bounds the ratio (`met` is None without one)."""
     ratio = value / reference if value is not None and reference else None
     met = None
     if ratio is not None and (target_min is not None or target_max is not None):
         met = (target_min is None or ratio >= target_min) and (target_max is None or ratio <= target_max)
     target = " and ".join(t for t in (target_min is not None and f">= {target_min:.3g}",
-                                      target_max is not None and f"<= {target_max:.3g}") if t)  # fmt: skip
+                                      target_max is not None and f"<= {target_max:.3g}") if t)
     return {"name": name, "value": value, "unit": unit, "reference": reference, "reference_name": reference_name,
             "ratio": ratio, "target": f"ratio {target}" if target else None, "met": met, "note": note,
-            "machine": machine_line(), "details": details}  # fmt: skip
+            "machine": machine_line(), "details": details}
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -151,7 +151,7 @@ def save_entries(path: Path | None, entries: list[dict], started: float) -> None
     print_table(entries)
     if path:
         write_json_atomic(Path(path), {"machine": machine(), "seconds": time.perf_counter() - started,
-                                       "entries": entries})  # fmt: skip
+                                       "entries": entries})
 
 
 def _fmt(x) -> str:
@@ -167,7 +167,7 @@ def print_table(entries: list[dict], title: str | None = None) -> None:
     headers = ("figure", "value", "unit", "reference", "ratio", "target", "met")
     rows = [(e["name"], _fmt(e["value"]), e["unit"], f"{_fmt(e['reference'])} ({e['reference_name'] or '-'})",
              _fmt(e["ratio"]), e["target"] or "", {True: "yes", False: "MISS", None: ""}[e["met"]])
-            for e in entries]  # fmt: skip
+            for e in entries]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -192,7 +192,7 @@ def parser(doc: str, child_jobs: bool = False) -> argparse.ArgumentParser:
     """An argument parser with the options every script takes: --small and --out (and, for scripts
     that measure in fresh processes, the internal --child JSON job: see `ran_child`)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(doc.splitlines()[1:]))  # fmt: skip
+                                epilog="\n".join(doc.splitlines()[1:]))
     p.add_argument("--small", action="store_true", help="the quick sizes (seconds, for a check that it runs)")
     p.add_argument("--out", type=Path, help="write the entries here as JSON (run_all.py passes this)")
     if child_jobs:
@@ -209,7 +209,7 @@ def ran_child(args, child: Callable[[dict], dict]) -> bool:
 
 
 def run_python(args: list[str], timeout: float, env: dict | None = None,
-               own_group: bool = False) -> tuple[int | None, str, float]:  # fmt: skip
+               own_group: bool = False) -> tuple[int | None, str, float]:
     """Run `python ARGS` in a fresh process; (exit code or None on timeout, stdout then stderr, seconds).
 
     With `own_group` the child leads a process group, and a time-out (or Ctrl-C) kills the
@@ -217,7 +217,7 @@ def run_python(args: list[str], timeout: float, env: dict | None = None,
     """
     start = time.perf_counter()
     with subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, **(env or {})}, cwd=ROOT, start_new_session=own_group) as proc:  # fmt: skip
+                          env={**os.environ, **(env or {})}, cwd=ROOT, start_new_session=own_group) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
             code = proc.returncode
@@ -255,7 +255,7 @@ def synth_train_data(n: int) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=out.parent))  # renamed when complete
         synth(tmp, sizes={"train": n, "captions": 0, "val": 0, "test": 0, "compositional": 0}, workers=1,
-              progress=False)  # fmt: skip
+              progress=False)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out / "train.jsonl"

@@ -27,7 +27,7 @@ from train_throughput import build_for_training, measure
 def loader_rate(dataset, collator, batch_size: int, workers: int) -> float:
     """Samples/s over one shuffled epoch."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collator, num_workers=workers,
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+                        generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     n = sum(batch["input_ids"].shape[0] for batch in loader)
     return n / (time.perf_counter() - start)
@@ -47,12 +47,12 @@ def main() -> None:
         result = measure(model, "eager", [args.batch_size], repeats=2 if args.small else 3)
         train = args.batch_size / result["points"][0]["median_s"]
         print(f"{model} training: {train:.1f} samples/s; loading: "
-              + ", ".join(f"{w} workers {r:.1f}" for w, r in loading.items()), flush=True)  # fmt: skip
+              + ", ".join(f"{w} workers {r:.1f}" for w, r in loading.items()), flush=True)
         for workers, rate in loading.items():
             entries.append(common.entry(
                 f"data loading {workers} workers vs {model} training", rate, "samples/s", train,
                 f"{model} training samples/s", records=len(dataset), batch_size=args.batch_size,
-                loading_share_of_step_0_workers=train / (train + loading[0])))  # fmt: skip
+                loading_share_of_step_0_workers=train / (train + loading[0])))
     common.save_entries(args.out, entries, started)
 
 

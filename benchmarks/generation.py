@@ -52,13 +52,13 @@ def measure(model, inputs: dict, new_tokens: int, use_cache: bool, repeats: int,
     def generate(n: int) -> None:
         with torch.no_grad():
             outputs[n] = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                        use_cache=use_cache, pad_token_id=pad)  # fmt: skip
+                                        use_cache=use_cache, pad_token_id=pad)
 
     first = common.timed(lambda: generate(1), warmup=1, repeats=repeats)["median_s"]
     full = common.timed(lambda: generate(new_tokens), warmup=0, repeats=repeats)["median_s"]
     batch, prompt = inputs["input_ids"].shape
     return {"prefill_s": first, "total_s": full, "decode_tokens_per_s": batch * (new_tokens - 1) / (full - first),
-            "tokens": outputs[new_tokens][:, prompt:].cpu()}  # fmt: skip
+            "tokens": outputs[new_tokens][:, prompt:].cpu()}
 
 
 def main() -> None:
@@ -86,11 +86,11 @@ def main() -> None:
         inputs = prompt_batch(processor, collator, records, batch, dev)
         runs = {"vlmkit": measure(model, inputs, new_tokens, True, repeats, pad),
                 "llava": measure(llava, inputs, new_tokens, True, repeats, pad),
-                "no_cache": measure(model, inputs, new_tokens, False, repeats, pad)}  # fmt: skip
+                "no_cache": measure(model, inputs, new_tokens, False, repeats, pad)}
         same = {k: bool(torch.equal(runs["vlmkit"]["tokens"], r["tokens"])) for k, r in runs.items() if k != "vlmkit"}
         print(f"batch {batch}: same tokens as vlmkit with cache: {same}", flush=True)
         details = {"model": name, "batch": batch, "prompt_tokens": inputs["input_ids"].shape[1],
-                   "new_tokens": new_tokens, "same_tokens": same}  # fmt: skip
+                   "new_tokens": new_tokens, "same_tokens": same}
         note = "" if all(same.values()) else f"generated tokens differ: {same}"
         ours, exported, no_cache = runs["vlmkit"], runs["llava"], runs["no_cache"]
         entries += [
@@ -100,7 +100,7 @@ def main() -> None:
                          exported["decode_tokens_per_s"], "LLaVA export, tokens/s", note=note, **details),
             common.entry(f"generate {name} b{batch} decode, KV cache vs none", ours["decode_tokens_per_s"], "tokens/s",
                          no_cache["decode_tokens_per_s"], "use_cache=False, tokens/s", note=note, **details),
-        ]  # fmt: skip
+        ]
     common.save_entries(args.out, entries, started)
 
 

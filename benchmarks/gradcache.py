@@ -84,7 +84,7 @@ def run_setting(mode: str, size: int, args) -> dict:
         raise RuntimeError(f"{mode} batch {size} failed:\n{output[-3000:]}")
     r = common.child_result(output)
     print(f"{mode} {size}: peak {r['peak_mib']:.0f} MiB (step {r['step_extra_mib']:.0f}), "
-          f"{r['median_s']:.2f} s/step ({seconds:.0f} s)", flush=True)  # fmt: skip
+          f"{r['median_s']:.2f} s/step ({seconds:.0f} s)", flush=True)
     return r
 
 
@@ -124,7 +124,7 @@ def main() -> None:
         return
     started = time.perf_counter()
     batches = [int(b) for b in args.batches.split(",")] if args.batches else \
-        ([8, 32, 128] if args.small else [8 * 2**i for i in range(8)])  # fmt: skip
+        ([8, 32, 128] if args.small else [8 * 2**i for i in range(8)])
     plain_max = args.plain_max or (32 if args.small else max(batches))
 
     results, not_run = [], {}
@@ -147,13 +147,13 @@ def main() -> None:
                          plain_step_extra_mib=same and same["step_extra_mib"], **details),
             common.entry(f"gradcache b{r['batch']} step time", r["median_s"], "s", same and same["median_s"],
                          "plain step, same batch, s"),
-        ]  # fmt: skip
+        ]
     largest = max((r for r in results if r["mode"] == "gradcache"), key=lambda r: r["batch"])
     if micro_step:
         entries.append(common.entry(
             f"gradcache b{largest['batch']} vs one micro-batch step", largest["peak_mib"], "MiB",
             micro_step["peak_mib"], f"plain step of {args.micro}, MiB", target_max=1.3,
-            step_extra_mib=largest["step_extra_mib"], micro_step_extra_mib=micro_step["step_extra_mib"]))  # fmt: skip
+            step_extra_mib=largest["step_extra_mib"], micro_step_extra_mib=micro_step["step_extra_mib"]))
     plot(results, args.plot)
     common.save_entries(args.out, entries, started)
 

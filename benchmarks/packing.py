@@ -48,14 +48,14 @@ def train_once(data: Path, out: Path, packing: bool, length: int, steps: int, ba
     cfg = load_config(None, [f"train.packing={str(packing).lower()}", f"train.packing_length={length}",
                              f"train.max_steps={steps}",
                              f"train.batch_size={batch_size}", "train.report_to=[]", "train.save_steps=100000",
-                             "train.logging_steps=100000", f"train.output_dir={out}"])  # fmt: skip
+                             "train.logging_steps=100000", f"train.output_dir={out}"])
     cfg.data.train = [str(data / "train.jsonl"), str(data / "captions.jsonl")]
     run_module.run(cfg, log=lambda *args: None)
     trainer = Counting.latest
     seconds = trainer.state.log_history[-1]["train_runtime"]
     return {"seconds": seconds, "samples_per_s": steps * batch_size / seconds,
             "supervised_tokens_per_s": trainer.supervised / seconds,
-            "padding_share": 1 - trainer.real_tokens / trainer.tokens}  # fmt: skip
+            "padding_share": 1 - trainer.real_tokens / trainer.tokens}
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
         data = Path(args.data) if args.data else Path(tmp) / "data"
         if not args.data:
             synth(data, sizes={"train": 600, "captions": 300, "val": 0, "test": 0, "compositional": 0}, workers=1,
-                  progress=False)  # fmt: skip
+                  progress=False)
         results = {False: [], True: []}
         for repeat in range(args.repeats):
             for packing in (False, True):

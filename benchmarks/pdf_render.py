@@ -46,7 +46,7 @@ def make_pdfs(out: Path, n_pdfs: int, pages: int) -> list[Path]:
             for p in range(pages):
                 fig = plt.figure(figsize=(8.27, 11.69))  # A4
                 fig.text(0.08, 0.94, f"Report {d}, page {p + 1}: {rng.choice(WORDS)} and {rng.choice(WORDS)}",
-                         fontsize=16, weight="bold")  # fmt: skip
+                         fontsize=16, weight="bold")
                 lines = [" ".join(rng.choice(WORDS) for _ in range(14)) for _ in range(36)]
                 fig.text(0.08, 0.52, "\n".join(lines), fontsize=9, va="bottom", linespacing=1.5)
                 ax = fig.add_axes((0.12, 0.08, 0.76, 0.36))

@@ -121,7 +121,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         n_inputs = sum(v.numel() * v.element_size() for b in inputs.values() for v in b.values())
         print(f"{name:18s} batch {inputs['query']['input_ids'].shape[0]:5d}: peak step memory "
-              f"{results[name] / 2**20:8.2f} MiB (inputs {n_inputs / 2**20:.2f} MiB), {seconds:.1f}s")  # fmt: skip
+              f"{results[name] / 2**20:8.2f} MiB (inputs {n_inputs / 2**20:.2f} MiB), {seconds:.1f}s")
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"parameters {params / 2**20:.2f} MiB; device {device}")
     print(f"ratio GradCache / plain micro-batch step: {results['GradCache'] / results['plain micro-batch']:.3f}")

@@ -79,7 +79,7 @@ def main() -> None:
         entries = [e for e in previous["entries"] if e.get("script") not in names] + entries
         scripts = {k: v for k, v in previous.get("scripts", {}).items() if k not in names} | scripts
     results = {"machine": common.machine(), "small": args.small, "finished": datetime.datetime.now().isoformat(),
-               "seconds": time.perf_counter() - started, "scripts": scripts, "entries": entries}  # fmt: skip
+               "seconds": time.perf_counter() - started, "scripts": scripts, "entries": entries}
     common.write_json_atomic(out, results)
     for name, plot in PLOTS.items():  # a full-size run's fresh plots only
         if not args.small and scripts.get(name, {}).get("exit") == 0 and name in names:

@@ -112,7 +112,7 @@ def child(job: dict) -> dict:
     np.save(data / f"ids-{job['impl']}-{job['kind']}.npy", ids.astype(np.int64))
     np.save(data / f"scores-{job['impl']}-{job['kind']}.npy", scores)
     return {**job, **timing, "queries_per_s": len(queries) / timing["median_s"], "peak_mib": peak,
-            "working_mib": peak - before}  # fmt: skip
+            "working_mib": peak - before}
 
 
 def compare(data: Path, kind: str, impls: list[str]) -> dict:
@@ -131,14 +131,14 @@ def compare(data: Path, kind: str, impls: list[str]) -> dict:
         assert np.array_equal(scores[impl], scores["vlmkit"][:n]), f"{kind}: {impl}'s scores differ"
     top = scores["vlmkit"]
     return {"ids_equal": True, "reference_rows_reordered": reordered,
-            "queries_with_equal_scores_in_top_k": int((np.diff(top, axis=1) == 0).any(1).sum())}  # fmt: skip
+            "queries_with_equal_scores_in_top_k": int((np.diff(top, axis=1) == 0).any(1).sum())}
 
 
 def run_child(data: Path, kind: str, impl: str, args) -> dict:
     """One implementation's figures, from a fresh process."""
     n_queries = args.queries if kind == "single" else args.mv_queries
     job = {"impl": impl, "kind": kind, "data": str(data), "k": args.k, "n_queries": n_queries,
-           "warmup": 1, "repeats": 2 if kind == "single" else 3}  # fmt: skip
+           "warmup": 1, "repeats": 2 if kind == "single" else 3}
     code, output, seconds = common.run_python([__file__, "--child", json.dumps(job)], timeout=1200)
     if code != 0:
         raise RuntimeError(f"{impl} {kind} failed:\n{output[-3000:]}")
@@ -151,7 +151,7 @@ def corpus_text(kind: str, args) -> str:
     if kind == "single":
         return f"{args.docs:,} pages x {args.dim}, {args.queries:,} queries"
     return (f"{args.mv_docs:,} pages x {args.mv_doc_tokens} tokens x {MV_DIM}, "
-            f"{args.mv_queries} queries x {args.mv_query_tokens} tokens")  # fmt: skip
+            f"{args.mv_queries} queries x {args.mv_query_tokens} tokens")
 
 
 def main() -> None:
@@ -188,7 +188,7 @@ def main() -> None:
                              working_mib={k: r["working_mib"] for k, r in results.items()},
                              peak_mib={k: r["peak_mib"] for k, r in results.items()},
                              cuda_peak_mib=ours.get("cuda_peak_mib"), **details),
-            ]  # fmt: skip
+            ]
     common.save_entries(args.out, entries, started)
 
 

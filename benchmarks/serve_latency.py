@@ -75,7 +75,7 @@ def one_request(client, name: str, seed: int, max_tokens: int) -> dict:
     first, tokens = None, 0
     stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": content}],
                                             temperature=0, max_tokens=max_tokens, stream=True,
-                                            stream_options={"include_usage": True})  # fmt: skip
+                                            stream_options={"include_usage": True})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter()
@@ -84,7 +84,7 @@ def one_request(client, name: str, seed: int, max_tokens: int) -> dict:
     end = time.perf_counter()
     first = first or end
     return {"ttft": first - start, "latency": end - start, "tokens": tokens,
-            "decode_tokens_per_s": (tokens - 1) / (end - first) if tokens > 1 and end > first else None}  # fmt: skip
+            "decode_tokens_per_s": (tokens - 1) / (end - first) if tokens > 1 and end > first else None}
 
 
 def measure(model_dir: Path, quantize_mode: str | None, repeats: int, concurrent: int, max_tokens: int) -> dict:
@@ -112,7 +112,7 @@ def measure(model_dir: Path, quantize_mode: str | None, repeats: int, concurrent
                        "tokens_per_s": sum(r["tokens"] for r in batch) / wall,
                        "requests_per_s": concurrent / wall,
                        "mean_latency_s": statistics.mean(r["latency"] for r in batch)},
-    }  # fmt: skip
+    }
 
 
 def accuracy(model_dir: Path, data: Path, limit: int | None) -> dict:
@@ -127,13 +127,13 @@ def accuracy(model_dir: Path, data: Path, limit: int | None) -> dict:
         start = time.perf_counter()
         metrics, rows = evaluate(quantize(model, mode), processor, records, progress=False)
         results[mode or "float32"] = {"accuracy": metrics["accuracy"], "n": metrics["n"],
-                                      "eval_s": time.perf_counter() - start, "rows": rows}  # fmt: skip
+                                      "eval_s": time.perf_counter() - start, "rows": rows}
     pairs = zip(results["float32"]["rows"], results["int8"]["rows"], strict=True)
     same = sum(a["prediction"] == b["prediction"] for a, b in pairs)
     for result in results.values():
         del result["rows"]
     return results | {"change": results["int8"]["accuracy"] - results["float32"]["accuracy"],
-                      "same_answer": same / max(1, results["float32"]["n"])}  # fmt: skip
+                      "same_answer": same / max(1, results["float32"]["n"])}
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ MODELS = {
             "model.text_config.hidden_size=1024", "model.text_config.intermediate_size=2816",
             "model.text_config.num_hidden_layers=24", "model.text_config.num_attention_heads=16",
             "model.text_config.num_key_value_heads=16"],
-}  # fmt: skip
+}
 MODULES = ("vision_tower", "projector", "language_model")
 
 
@@ -87,7 +87,7 @@ def count_flops(model, batch: dict) -> dict:
             model(**batch)
     counts = {k.split(".")[-1]: sum(v.values()) for k, v in forward.get_flop_counts().items() if k.count(".") == 1}
     return {"total": counter.get_total_flops(), "forward": forward.get_total_flops(),
-            "forward_by_module": {m: counts.get(m, 0) for m in MODULES}}  # fmt: skip
+            "forward_by_module": {m: counts.get(m, 0) for m in MODULES}}
 
 
 def measure(model_name: str, mode: str, batch_sizes: list[int], repeats: int) -> dict:
@@ -119,7 +119,7 @@ def measure(model_name: str, mode: str, batch_sizes: list[int], repeats: int) ->
         first = time.perf_counter() - first
         timing = common.timed(step, warmup=1 if mode == "compile" else 0, repeats=repeats)
         result["points"].append({"batch": size, "tokens": int(batch["attention_mask"].sum()),
-                                 "first_step_s": first, **timing})  # fmt: skip
+                                 "first_step_s": first, **timing})
         print(f"  {model_name} {mode} batch {size}: {timing['median_s']:.3f} s/step", file=sys.stderr, flush=True)
     return result
 
@@ -134,7 +134,7 @@ def entries_for(result: dict, peak: float, peak_name: str, eager: dict | None) -
                "forward_flops_by_module": (eager or result)["flops"]["forward_by_module"],
                "first_step_s": main["first_step_s"],
                "sweep": [{"batch": p["batch"], "samples_per_s": p["batch"] / p["median_s"],
-                          "tokens_per_s": p["tokens"] / p["median_s"]} for p in result["points"]]}  # fmt: skip
+                          "tokens_per_s": p["tokens"] / p["median_s"]} for p in result["points"]]}
     out = [
         common.entry(f"{name} MFU", flops / step_s / 1e9, "GFLOP/s", peak / 1e9, peak_name, target_min=0.30,
                      **details),
@@ -142,11 +142,11 @@ def entries_for(result: dict, peak: float, peak_name: str, eager: dict | None) -
                      "samples/s at the matmul peak"),
         common.entry(f"{name} tokens/s", main["tokens"] / step_s, "tokens/s", main["tokens"] * at_peak,
                      "tokens/s at the matmul peak"),
-    ]  # fmt: skip
+    ]
     if eager is not None:
         eager_main = next(p for p in eager["points"] if p["batch"] == MAIN_BATCH)
         out.append(common.entry(f"{name} speed-up", MAIN_BATCH / step_s, "samples/s", MAIN_BATCH / eager_main["median_s"],
-                                "eager samples/s", compile_s=main["first_step_s"]))  # fmt: skip
+                                "eager samples/s", compile_s=main["first_step_s"]))
     return out
 
 
@@ -194,7 +194,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     models = args.models.split(",") if args.models else (["tiny", "gpu"] if cuda else ["tiny", "larger"])
     sweep = {"tiny": [1, 4, 16], "larger": [1, 16], "gpu": [8, 16]} if args.small else \
-        {"tiny": [1, 2, 4, 8, 16, 32], "larger": [1, 4, 16], "gpu": [1, 4, 16, 32, 64]}  # fmt: skip
+        {"tiny": [1, 2, 4, 8, 16, 32], "larger": [1, 4, 16], "gpu": [1, 4, 16, 32, 64]}
     repeats = 2 if args.small else 3
 
     dtype, n = (torch.bfloat16, 8192) if cuda else (torch.float32, 2048 if args.small else 4096)
@@ -212,7 +212,7 @@ def main() -> None:
             timeout = args.compile_timeout if mode == "compile" else 1800
             with tempfile.TemporaryDirectory(prefix="vlmkit-inductor-") as cache:
                 code, output, seconds = common.run_python([__file__, "--child", child], timeout,
-                                                          env={"TORCHINDUCTOR_CACHE_DIR": cache})  # fmt: skip
+                                                          env={"TORCHINDUCTOR_CACHE_DIR": cache})
             print(f"{model} {mode}: {seconds:.0f} s", flush=True)
             if code != 0:
                 if mode == "eager":

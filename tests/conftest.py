@@ -11,10 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 TEST_VISION = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-               "num_attention_heads": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
+               "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
 TEST_TEXT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
-             "tie_word_embeddings": True}  # fmt: skip
+             "tie_word_embeddings": True}
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def synth_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("synth")
     synth(out, seed=0, sizes={"train": 48, "captions": 16, "val": 8, "test": 24, "compositional": 14}, turns=3,
-          image_size=32, workers=1, progress=False)  # fmt: skip
+          image_size=32, workers=1, progress=False)
     return out
 
 

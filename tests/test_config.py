@@ -29,7 +29,7 @@ def test_overrides_are_typed():
     "override, message",
     [("train.batch_size=four", "train.batch_size"), ("train.nonsense=1", "unknown key"),
      ("train.stage=pretrain", "train.stage"), ("novalue", "section.key=value")],
-)  # fmt: skip
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

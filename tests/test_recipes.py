@@ -33,7 +33,7 @@ def test_every_shipped_recipe_is_covered():
 def test_recipe_trains_two_steps_at_tiny_scale(name, synth_dir, tmp_path):
     out = tmp_path / name
     assert main(["train", f"recipes/{name}", "--tiny", "--train-data", str(synth_dir / "train.jsonl"),
-                 "--max-steps", "2", "--output-dir", str(out), "--set", "train.logging_steps=1"]) == 0  # fmt: skip
+                 "--max-steps", "2", "--output-dir", str(out), "--set", "train.logging_steps=1"]) == 0
     recipe = load_config(f"recipes/{name}")
     saved = json.loads(((out / "base") if (out / "base").is_dir() else out).joinpath("config.json").read_text())
     # The design survives shrinking: encoder and LM families, projector, slicing.
@@ -53,7 +53,7 @@ def test_retriever_recipe_trains_two_steps_at_tiny_scale(tmp_path):
     synth_docs(docs_dir, n_train=12, n_test=4, queries_per_page=2, size=32)
     assert main(["retriever", "train", "recipes/minicpm-visual-embedding", "--tiny", "--train-data",
                 str(docs_dir / "train_pairs.jsonl"), "--docs", str(docs_dir / "train_docs.h5"), "--max-steps", "2",
-                "--output-dir", str(out)]) == 0  # fmt: skip
+                "--output-dir", str(out)]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["pooling"] == "weighted_mean" and saved["projector_type"] == "resampler"
 
@@ -62,7 +62,7 @@ def test_minicpm_v_recipe_gives_64_tokens_per_crop_for_at_most_ten_crops(tiny):
     """A 1344x1344 image: 9 slices + the whole view, 64 x 10 image tokens plus the boundary tokens."""
     model = load_config("recipes/minicpm-v").model
     config = VLMConfig(vision_config=model.vision_config, text_config=model.text_config,
-                       projector_type=model.projector, projector_args=model.projector_args)  # fmt: skip
+                       projector_type=model.projector, projector_args=model.projector_args)
     assert model.crop_size == 448  # MiniCPM-V's slice size (its 384 px tower interpolates positions)
     images = VLMImageProcessor(size=model.crop_size, slicing=model.slicing, max_slices=model.max_slices, multiple=14)
     processor = VLMProcessor(images, tiny.processor.tokenizer, image_token_spec=image_token_spec(config))
@@ -84,7 +84,7 @@ def test_an_unknown_recipe_name_lists_the_recipes():
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SHIPPED = sorted([p.name for p in CONFIGS.iterdir() if p.name.endswith((".yaml", ".json"))]
-                 + [f"recipes/{p.name}" for p in RECIPES.iterdir() if p.name.endswith(".yaml")])  # fmt: skip
+                 + [f"recipes/{p.name}" for p in RECIPES.iterdir() if p.name.endswith(".yaml")])
 # The docs, and the shipped YAML files, whose comments show the command that uses them.
 WRITINGS = sorted(DOCS.glob("*.md")) + [Path(str(CONFIGS / f)) for f in SHIPPED if f.endswith(".yaml")]
 

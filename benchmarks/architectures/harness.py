@@ -51,7 +51,7 @@ def train_and_score(name: str, config: str, overrides: list[str], data: list[str
             "samples_per_second": round(samples / summary["train_seconds"], 2),
             "params": summary["n_params"], "image_tokens": processor.tokens_per_crop,
             "accuracy": round(metrics["accuracy"], 4), "n_test": len(records),
-            "eval_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+            "eval_seconds": round(time.perf_counter() - started, 1)}
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

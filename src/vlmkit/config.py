@@ -23,11 +23,11 @@ from vlmkit.recipes import recipe_path
 TINY_VISION = {
     "model_type": "clip_vision_model", "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 3,
     "num_attention_heads": 3, "image_size": 64, "patch_size": 8,
-}  # fmt: skip
+}
 TINY_TEXT = {
     "model_type": "llama", "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 2,
     "num_attention_heads": 3, "num_key_value_heads": 3, "max_position_embeddings": 1024, "tie_word_embeddings": True,
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -158,10 +158,10 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"])  # fmt: skip
+                                                          "up_proj", "down_proj"])
     vision: bool = False  # adapters on the vision encoder too (its learning rate must not be 0)
     vision_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
-                                                                 "fc2"])  # fmt: skip
+                                                                 "fc2"])
     modules_to_save: list = field(default_factory=lambda: ["projector"])  # trained fully, at their own rate
     save: str = "adapter"  # "adapter": the adapters alone (plus a base to load them on); "merged": one model
     quantize: str | None = None  # "4bit": QLoRA (needs bitsandbytes, a CUDA GPU and model.init_from)

@@ -72,7 +72,7 @@ def _train_stage(name: str, data: Path, out: Path, quick: bool, *overrides: str)
 def _evaluate(model, processor, data: Path, out: Path) -> dict:
     test = read_records(data / "test.jsonl")[0]
     runs = {"test": (test, False), "compositional": (read_records(data / "compositional.jsonl")[0], False),
-            "test_blind": (test[:BLIND_RECORDS], True)}  # fmt: skip
+            "test_blind": (test[:BLIND_RECORDS], True)}
     results = {}
     for name, (records, blind) in runs.items():
         metrics, rows = evaluate(model, processor, records, blind=blind)
@@ -97,12 +97,12 @@ def _language_check(model, processor) -> dict:
 def _report(metrics: dict, rows: list[dict], text: dict) -> None:
     print("\n=== vlmkit demo ===")
     print(f"parameters {metrics['n_params']:,}; training {metrics['train_seconds']:.0f}s "
-          f"(align {metrics['align_steps']} steps, SFT {metrics['sft_steps']} steps, float32)")  # fmt: skip
+          f"(align {metrics['align_steps']} steps, SFT {metrics['sft_steps']} steps, float32)")
     print(f"test accuracy          {metrics['accuracy']:.3f}")
     print(f"compositional accuracy {metrics['compositional_accuracy']:.3f}")
     print(f"blind accuracy         {metrics['blind_accuracy']:.3f}  (majority baseline "
           f"{metrics['blind_majority_baseline']:.3f} on its {BLIND_RECORDS} records; test's "
-          f"{metrics['majority_baseline']:.3f})")  # fmt: skip
+          f"{metrics['majority_baseline']:.3f})")
     for name, value in sorted(metrics["by_category"].items()):
         print(f"  {name:<12} {value:.3f}")
     print(f"text perplexity        {metrics['text_perplexity']:.2f}  (base LM {metrics['base_text_perplexity']:.2f})")
@@ -120,7 +120,7 @@ def run_demo(out: Path, data: Path, quick: bool = False) -> dict:
     fetch()
     ensure_data(data, QUICK_SIZES if quick else EVAL_SIZES)
     stages = {"align": _train_stage("align", data, out / "align", quick),
-              "sft": _train_stage("sft", data, out / "model", quick, f"model.init_from={out / 'align'}")}  # fmt: skip
+              "sft": _train_stage("sft", data, out / "model", quick, f"model.init_from={out / 'align'}")}
 
     model, processor = load_for_inference(out / "model", device="cpu")
     results = _evaluate(model, processor, data, out)
@@ -145,7 +145,7 @@ def run_demo(out: Path, data: Path, quick: bool = False) -> dict:
         "sft_blank_image_rate": load_config(recipe("demo-sft")).data.blank_image_rate,
         "total_seconds": time.perf_counter() - start, "n_params": stages["sft"]["n_params"], "quick": quick,
         "llava_export": str(export),
-    }  # fmt: skip
+    }
     path = out / "metrics.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics, indent=2))

@@ -70,7 +70,7 @@ def _report(metrics: dict, rows: list[dict]) -> None:
     print(f"compositional accuracy {metrics['compositional_accuracy']:.3f}")
     print(f"blind accuracy         {metrics['blind_accuracy']:.3f}  (majority baseline "
           f"{metrics['majority_baseline']:.3f}; {metrics['sft_blank_image_rate']:.0%} of the SFT "
-          f"records had blank images)")  # fmt: skip
+          f"records had blank images)")
     for name, value in sorted(metrics["by_category"].items()):
         print(f"  {name:<12} {value:.3f}")
     print("sample answers:")
@@ -83,7 +83,7 @@ def run_demo(out: Path, data: Path, quick: bool = False, sft_steps: int = SFT_ST
     start = time.perf_counter()
     _ensure_data(data, QUICK_SIZES if quick else None)
     stages = [_train_stage("vision", data, out / "vision", quick),
-              _train_stage("align", data, out / "align", quick, f"model.vision={out / 'vision'}")]  # fmt: skip
+              _train_stage("align", data, out / "align", quick, f"model.vision={out / 'vision'}")]
     sft = [f"model.init_from={out / 'align'}"] + ([] if quick else [f"train.max_steps={sft_steps}"])
     stages.append(_train_stage("sft", data, out / "model", quick, *sft))
 
@@ -108,7 +108,7 @@ def run_demo(out: Path, data: Path, quick: bool = False, sft_steps: int = SFT_ST
         "total_seconds": time.perf_counter() - start,
         "sft_steps": stages[-1]["steps"], "sft_blank_image_rate": stages[-1]["blank_image_rate"],
         "n_params": stages[-1]["n_params"], "quick": quick,
-    }  # fmt: skip
+    }
     path = out / "metrics.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics, indent=2))

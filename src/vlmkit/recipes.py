@@ -27,9 +27,9 @@ TINY_VISION = {
                             "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
     "siglip2_vision_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                              "num_attention_heads": 2, "num_patches": 16, "patch_size": 8},
-}  # fmt: skip
+}
 TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "num_key_value_heads": 1, "max_position_embeddings": 2048, "tie_word_embeddings": True}  # fmt: skip
+             "num_key_value_heads": 1, "max_position_embeddings": 2048, "tie_word_embeddings": True}
 # Projector sizes that scale with the real model; the tiny one takes the LM's width instead.
 SIZED_PROJECTOR_ARGS = ("hidden_size", "heads", "intermediate_size")
 TINY_QUERIES = 8

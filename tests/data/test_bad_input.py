@@ -65,7 +65,7 @@ def test_good_records_fit_the_length_limit(processor, good):
         ("huge", "over the limit of 4000; downscale it or raise max_pixels"),
         ("too_long", "tokens long, over max_length 200"),
     ],
-)  # fmt: skip
+)
 def test_each_problem_names_file_line_id_and_problem(processor, good, images, tmp_path, case, problem):
     bad = too_long(good[1]) if case == "too_long" else with_image(good[1], images[case], case)
     path = write_jsonl(tmp_path / "data.jsonl", [good[0], good[2], bad])
@@ -94,7 +94,7 @@ def test_marker_count_mismatch_in_a_record_built_in_code_names_its_origin(proces
 
 def test_skip_bad_leaves_out_and_counts_every_kind_of_bad_record(processor, good, images, tmp_path):
     mismatch = {**good[0], "id": "markers", "conversations": [
-        {"role": "user", "content": "<image> <image> Compare."}, {"role": "assistant", "content": "x"}]}  # fmt: skip
+        {"role": "user", "content": "<image> <image> Compare."}, {"role": "assistant", "content": "x"}]}
     lines = [
         good[0],                                            # 1
         '{"id": "cut", "images": ["a.png"], "conversa',     # 2 malformed JSON
@@ -106,7 +106,7 @@ def test_skip_bad_leaves_out_and_counts_every_kind_of_bad_record(processor, good
         "",                                                 # 8 blank: ignored, not an error
         good[2],                                            # 9
         {**good[0]},                                        # 10 duplicate id of line 1
-    ]  # fmt: skip
+    ]
     path = write_jsonl(tmp_path / "mixed.jsonl", lines)
 
     records, bad_lines = read_records(path, skip_bad=True)
@@ -119,7 +119,7 @@ def test_skip_bad_leaves_out_and_counts_every_kind_of_bad_record(processor, good
     assert sorted(e.line for e in dataset.skipped) == [2, 3, 4, 6, 7, 10]
     problems = {e.line: str(e) for e in dataset.skipped}
     for line, expected in {2: "malformed JSON", 3: "image file not found", 4: "not a readable image",
-                           6: "2 <image> marker(s) but 1 image(s)", 7: "over max_length", 10: "duplicate id"}.items():  # fmt: skip
+                           6: "2 <image> marker(s) but 1 image(s)", 7: "over max_length", 10: "duplicate id"}.items():
         assert problems[line].startswith(f"{path}:{line}"), problems[line]
         assert expected in problems[line]
     item = dataset[0]  # the kept records still load
@@ -160,7 +160,7 @@ def test_malformed_json_reports_the_column_within_the_line(tmp_path):
 def _cli_args(path, out):
     return ["train", "--train-data", str(path), "--output-dir", str(out), "--max-steps", "1", "--set",
             f"model.vision_config={json.dumps(TEST_VISION)}", f"model.text_config={json.dumps(TEST_TEXT)}",
-            "model.vocab_size=400", "train.batch_size=2", "train.report_to=[]"]  # fmt: skip
+            "model.vocab_size=400", "train.batch_size=2", "train.report_to=[]"]
 
 
 def test_cli_train_stops_with_status_2_on_a_bad_line_and_skips_it_with_skip_bad(good, tmp_path, capsys):

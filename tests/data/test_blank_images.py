@@ -18,7 +18,7 @@ def test_a_fixed_share_of_examples_sees_the_blank_image_that_blind_evaluation_us
     again = ConversationDataset(train_records, processor, max_length=1024, blank_image_rate=0.25, seed=3)
     assert again.blank == dataset.blank
     assert ConversationDataset(train_records, processor, max_length=1024, blank_image_rate=0.25, seed=4).blank != \
-        dataset.blank  # fmt: skip
+        dataset.blank
 
     image = Image.open(train_records[0].images[0])
     blank = processor.image_inputs([blank_like(image, processor.image_processor.image_mean)], [None])["pixel_values"]

@@ -78,7 +78,7 @@ def test_cli_train_with_skip_bad_skips_it_and_finishes(good, tmp_path, capsys):
     args = ["train", "--train-data", str(path), "--output-dir", str(out), "--max-steps", "2", "--skip-bad",
             "--set", f"model.vision_config={json.dumps(TEST_VISION)}", f"model.text_config={json.dumps(TEST_TEXT)}",
             "model.vocab_size=400", "model.vision=null", "model.lm=null",  # all from scratch: seconds on a CPU
-            "train.batch_size=3", "train.report_to=[]"]  # fmt: skip
+            "train.batch_size=3", "train.report_to=[]"]
     assert main(args) == 0
     assert f"the first: {path}:3 (id 'bad'): image {image}: image data is corrupt" in capsys.readouterr().out
     summary = json.loads((out / "train_summary.json").read_text())

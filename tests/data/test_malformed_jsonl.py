@@ -19,7 +19,7 @@ BAD_LINES = {
     "huge-int": json.dumps(GOOD | {"id": "big"}).replace('"big"', "1" * 5000).encode(),
 }
 PROBLEMS = {"not-utf8": r"not UTF-8 \(byte 0xe9 at column \d+\)", "deep": "nested too deeply",
-            "huge-int": "number too long"}  # fmt: skip
+            "huge-int": "number too long"}
 
 
 def write_lines(path, lines: list[bytes]):

@@ -43,7 +43,7 @@ def test_stored_pages_stay_openable():
         (3, LARGEST_PDF_PAGE, 150, 2000),  # a strip whose min_side would blow it up
         (2383.9, 3370.4, 300, 0),  # A0 at 300 dpi, odd sizes
     ],
-)  # fmt: skip
+)
 def test_page_scale_keeps_a_page_under_the_pixel_limit(width, height, dpi, min_side):
     scale = page_scale(width, height, dpi, min_side)
     assert rendered_pixels(width, height, scale) <= MAX_PAGE_PIXELS
@@ -59,7 +59,7 @@ def test_page_scale_leaves_ordinary_pages_alone():
 def test_a_lower_limit_scales_down_and_says_so(tmp_path):
     write_pdf(tmp_path / "poster.pdf", (1000, 500))  # 1000 x 500 pixels at 72 dpi
     report = render_to_store([tmp_path / "poster.pdf"], tmp_path / "s.h5", dpi=72, workers=1, progress=False,
-                             max_pixels=20_000)  # fmt: skip
+                             max_pixels=20_000)
     assert report.added == 1 and report.downscaled == ["poster.pdf#1"] and "1 scaled down" in report.summary()
     store = PageStore(tmp_path / "s.h5")
     width, height = store.image("poster.pdf#1").size
@@ -96,7 +96,7 @@ def test_a_huge_page_between_good_pdfs_is_scaled_down_and_the_good_pages_kept(tm
     inputs = [str(tmp_path / name) for name in ("a.pdf", "huge.pdf", "b.pdf")]
     env = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", RENDER, *inputs, str(tmp_path / "s.h5")], capture_output=True,
-                          text=True, timeout=300, env=env)  # fmt: skip
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["summary"].startswith("added 4 page(s), skipped 0 already stored, 0 failed")

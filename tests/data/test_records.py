@@ -14,7 +14,7 @@ def write_lines(path, lines):
 def test_native_record_resolves_images_relative_to_the_file(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", [{"id": "a", "images": ["img/1.png"], "category": "colour",
                                                "conversations": [{"role": "user", "content": "<image>\nQ?"},
-                                                                 {"role": "assistant", "content": "red"}]}])  # fmt: skip
+                                                                 {"role": "assistant", "content": "red"}]}])
     (record,), skipped = read_records(path)
     assert skipped == []
     assert record.images == [str(tmp_path / "img/1.png")]
@@ -23,7 +23,7 @@ def test_native_record_resolves_images_relative_to_the_file(tmp_path):
 
 def test_llava_record_is_converted():
     raw = {"id": 7, "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                                        {"from": "gpt", "value": "a cat"}]}  # fmt: skip
+                                                        {"from": "gpt", "value": "a cat"}]}
     record = normalise(raw, base_dir=__import__("pathlib").Path("/data"))
     assert record.id == "7"
     assert record.images == ["/data/x.jpg"]
@@ -33,7 +33,7 @@ def test_llava_record_is_converted():
 def test_markers_are_added_before_the_first_user_turn_when_missing():
     raw = {"images": ["a.png", "b.png"], "conversations": [{"role": "system", "content": "Be brief."},
                                                            {"role": "user", "content": "Compare."},
-                                                           {"role": "assistant", "content": "first"}]}  # fmt: skip
+                                                           {"role": "assistant", "content": "first"}]}
     record = normalise(raw, base_dir=__import__("pathlib").Path("."))
     assert record.conversations[1]["content"] == "<image>\n<image>\nCompare."
     assert record.conversations[0]["content"] == "Be brief."
@@ -59,7 +59,7 @@ def video_record(content="<video>\nWhat happens?", **fields):
         (video_record(video=["a.mp4", "b.mp4"]), "field 'video' must be one non-empty path string"),
         (video_record(video=""), "field 'video' must be one non-empty path string"),
     ],
-)  # fmt: skip
+)
 def test_bad_records_name_file_line_and_problem(tmp_path, raw, problem):
     path = write_lines(tmp_path / "bad.jsonl", [raw])
     with pytest.raises(DataError) as err:
@@ -92,12 +92,12 @@ def test_duplicate_ids_are_rejected(tmp_path):
 
 def test_write_then_read_round_trips(tmp_path):
     raw = {"id": "r1", "images": ["img/1.png"], "category": "count", "conversations": [
-        {"role": "user", "content": "<image>\nHow many?"}, {"role": "assistant", "content": "2"}]}  # fmt: skip
+        {"role": "user", "content": "<image>\nHow many?"}, {"role": "assistant", "content": "2"}]}
     original = normalise(raw, tmp_path, tmp_path / "in.jsonl", 1)
     write_records(tmp_path / "out.jsonl", [original])
     (again,), _ = read_records(tmp_path / "out.jsonl")
     assert (again.id, again.images, again.conversations, again.category) == (
-        original.id, original.images, original.conversations, original.category)  # fmt: skip
+        original.id, original.images, original.conversations, original.category)
 
 
 def test_video_path_is_resolved_relative_to_the_file_and_kept_apart_from_images(tmp_path):

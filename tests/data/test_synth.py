@@ -31,9 +31,9 @@ def test_records_do_not_depend_on_the_process_string_hash_seed():
     records: iterating over a set of strings would give each process its own order."""
     code = ("import json; from vlmkit.data.synth import make_record; "
             "print(json.dumps([make_record(0, s, i, 5 if s == 'train' else 1)[0] "
-            "for s in ('train', 'test', 'compositional') for i in range(40)]))")  # fmt: skip
+            "for s in ('train', 'test', 'compositional') for i in range(40)]))")
     outputs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]  # fmt: skip
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
     assert outputs[0] == outputs[1]
 
 
@@ -61,7 +61,7 @@ def _answer_from_scene(question: str, scenes) -> str | None:
         noun = re.fullmatch(r"Which (?:image has|of the two images shows) more (.+)\?", question).group(1)
         words = noun.split()
         kind = ({} if noun == "objects" else {"colour": words[0]} if len(words) == 2
-                else {"shape": next(s for s in SHAPES if PLURALS[s] == noun)})  # fmt: skip
+                else {"shape": next(s for s in SHAPES if PLURALS[s] == noun)})
         first, second = (scene.count(**kind) for scene in scenes)
         assert first != second, question
         return "first" if first > second else "second"
@@ -139,7 +139,7 @@ def test_training_turns_ask_in_both_phrasings_without_lopsided_answers():
             assert len({kind for kind, _ in kinds}) == len(kinds), record["id"]
         phrasings.update(kinds)
         answers.update((kind, a["content"]) for (kind, _), a in zip(kinds, turns[1::2])
-                       if kind in ("existence", "count", "compare"))  # fmt: skip
+                       if kind in ("existence", "count", "compare"))
     for kind in ("colour", "shape", "position", "size", "count", "existence", "compare"):
         share = phrasings[kind, 1] / (phrasings[kind, 0] + phrasings[kind, 1])
         assert 0.3 < share < 0.7, (kind, share)
@@ -185,5 +185,5 @@ def test_captions_name_each_cell_before_what_is_in_it():
             seen["prose"] += 1
             parts = text.rstrip(".").split("; ")
             assert parts == [f"at the {CELLS[o.cell]}, a {o.size} {o.colour} {o.shape}"
-                             for o in sorted(scene.objects, key=lambda o: o.cell)]  # fmt: skip
+                             for o in sorted(scene.objects, key=lambda o: o.cell)]
     assert seen["facts"] > 50 and seen["prose"] > 50

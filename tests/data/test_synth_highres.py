@@ -46,7 +46,7 @@ def _spectrum(image: Image.Image, obj, view: int) -> np.ndarray:
     seen = image if view == image.size[0] else image.resize((view, view), Image.BICUBIC)
     cx, cy, w = obj.cx / factor, obj.cy / factor, WINDOW / factor
     window = seen.transform((WINDOW, WINDOW), Image.EXTENT, (cx - w / 2, cy - w / 2, cx + w / 2, cy + w / 2),
-                            Image.BILINEAR)  # fmt: skip
+                            Image.BILINEAR)
     pixels = np.asarray(window.convert("L"), np.float32)
     spectrum = np.log1p(np.abs(np.fft.fft2(pixels - pixels.mean()))).ravel()  # log: weak residues count too
     spectrum -= spectrum.mean()
@@ -73,7 +73,7 @@ def test_the_pattern_is_lost_in_a_64_px_view_and_readable_in_slices():
 def test_the_command_writes_splits_images_and_info(tmp_path, capsys):
     out = tmp_path / "hr"
     assert main(["data", "synth-highres", "--out", str(out), "--train", "6", "--val", "0", "--test", "5",
-                 "--image-size", "128", "--workers", "1"]) == 0  # fmt: skip
+                 "--image-size", "128", "--workers", "1"]) == 0
     assert "test:" in capsys.readouterr().out and not (out / "val.jsonl").exists()
     records, _ = read_records(out / "test.jsonl")
     assert len(records) == 5 and Image.open(records[0].images[0]).size == (128, 128)

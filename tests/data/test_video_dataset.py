@@ -20,7 +20,7 @@ def _records(tmp_path):
     Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "still.png")
     record = {"id": "v1", "images": ["still.png"], "video": "clip.mp4",
               "conversations": [{"role": "user", "content": "<image>\nThe photo, then the clip:\n<video>\nWhat changes?"},
-                                {"role": "assistant", "content": "the colour"}]}  # fmt: skip
+                                {"role": "assistant", "content": "the colour"}]}
     (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
     return read_records(tmp_path / "data.jsonl")[0]
 

@@ -17,7 +17,7 @@ from vlmkit.eval.vqa import Question, answer_questions, normalise_answer, questi
     ("ten, eleven", "10 eleven"),  # only zero to ten are spelled as digits
     ("theory of another", "theory of another"),  # articles are whole words only
     ("a", ""),
-])  # fmt: skip
+])
 def test_normalise_answer(raw, expected):
     assert normalise_answer(raw) == expected
 
@@ -30,7 +30,7 @@ def _question(n: int, category: str | None, answer: str) -> Question:
 def test_score_and_majority_baseline_per_category():
     # Each category's most common answer is right 2 times in 3; any one answer for all is right 2 times in 6.
     answers = [("colour", "red"), ("colour", "Red."), ("colour", "blue"), ("count", "3"), ("count", "three"),
-               ("count", "blue")]  # fmt: skip
+               ("count", "blue")]
     questions = [_question(n, category, answer) for n, (category, answer) in enumerate(answers)]
     predictions = ["the red", "blue", "blue", "3", "4", "blue"]
     metrics, rows = score(questions, predictions)
@@ -43,7 +43,7 @@ def test_score_and_majority_baseline_per_category():
 
 def test_score_without_category_counts_as_one():
     metrics, _ = score([_question(0, None, "yes"), _question(1, None, "no"), _question(2, None, "yes")],
-                       ["no", "no", "no"])  # fmt: skip
+                       ["no", "no", "no"])
     assert metrics["by_category"] == {"all": pytest.approx(1 / 3)}
     assert metrics["majority_baseline"] == pytest.approx(2 / 3)
 
@@ -69,6 +69,6 @@ def test_batched_answers_equal_one_by_one(talkative, synth_dir):
     assert len({len(q.prompt["input_ids"]) for q in questions}) > 2  # padding really happens
     alone = answer_questions(model, processor, questions, batch_size=1, max_new_tokens=6, progress=False)
     together = answer_questions(model, processor, questions, batch_size=len(questions), max_new_tokens=6,
-                                progress=False)  # fmt: skip
+                                progress=False)
     assert len({a for a in alone if a}) > 1  # the random model says different, non-empty things
     assert together == alone, (alone, together)

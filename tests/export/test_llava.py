@@ -15,9 +15,9 @@ from vlmkit.errors import ConfigError
 from vlmkit.export.llava import save_llava
 
 TINY_SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-               "num_attention_heads": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
+               "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
 TINY_REGNET = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
-               "groups_width": 8, "layer_type": "y"}  # fmt: skip
+               "groups_width": 8, "layer_type": "y"}
 QUESTION = "What colour is the circle?"
 
 # Run in a fresh interpreter where `import vlmkit` fails: the export must stand on transformers alone.
@@ -77,7 +77,7 @@ def test_export_loads_without_vlmkit_and_gives_the_same_logits_and_tokens(tokeni
     image.save(tmp_path / "image.png")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", STANDALONE, str(tmp_path / "llava"), str(tmp_path / "image.png"),
-                    str(tmp_path / "out.pt")], check=True, env=env, timeout=300)  # fmt: skip
+                    str(tmp_path / "out.pt")], check=True, env=env, timeout=300)
     exported = torch.load(tmp_path / "out.pt")
 
     ids, pixel_values = vlmkit_inputs(processor, image)
@@ -95,7 +95,7 @@ def test_export_loads_without_vlmkit_and_gives_the_same_logits_and_tokens(tokeni
     {"vision_feature_select_strategy": "full", "projector": "linear", "vision_feature_layer": -2,
      "image_resize_mode": "squash"},
     {"vision_config": TINY_SIGLIP, "projector_args": {"act": "silu"}},
-], ids=["clip-full-linear-layer-2", "siglip-mlp"])  # fmt: skip
+], ids=["clip-full-linear-layer-2", "siglip-mlp"])
 def test_other_exportable_architectures_give_the_same_logits(tokenizer, tmp_path, overrides):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -107,7 +107,7 @@ def test_other_exportable_architectures_give_the_same_logits(tokenizer, tmp_path
     ids, pixel_values = vlmkit_inputs(processor, image)
     text = llava_processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
-        add_generation_prompt=True, tokenize=False)  # fmt: skip
+        add_generation_prompt=True, tokenize=False)
     inputs = llava_processor(text=text, images=[image], return_tensors="pt")
     assert torch.equal(inputs["input_ids"], ids)
     assert torch.allclose(inputs["pixel_values"], pixel_values, atol=1e-5)
@@ -121,7 +121,7 @@ def test_other_exportable_architectures_give_the_same_logits(tokenizer, tmp_path
     ({"projector_args": {"pos_embed": True}}, "position embeddings"),
     ({"projector_args": {"layernorm": True}}, "LayerNorm"),
     ({"projector_args": {"hidden_size": 48}}, "hidden size 48 differs"),
-], ids=["cnn-tower", "pos-embed", "layernorm", "mlp-width"])  # fmt: skip
+], ids=["cnn-tower", "pos-embed", "layernorm", "mlp-width"])
 def test_unexportable_architectures_are_refused_clearly(tokenizer, tmp_path, overrides, reason):
     model, processor = built(tokenizer, **overrides)
     with pytest.raises(ConfigError, match=f"cannot export: .*{reason}"):

@@ -50,7 +50,7 @@ STANDALONE = textwrap.dedent("""
 def test_exported_composition_answers_as_vlmkit_without_vlmkit(pretrained_checkpoints, tmp_path, layer):
     torch.manual_seed(0)
     built = build(ModelConfig(vision="facebook/dinov2-small", lm="HuggingFaceTB/SmolLM2-135M-Instruct",
-                              projector="mlp", vision_feature_layer=layer, image_size=56))  # fmt: skip
+                              projector="mlp", vision_feature_layer=layer, image_size=56))
     model, processor = built.model.eval(), built.processor
     save_llava(model, processor, tmp_path / "llava")
     image = Image.new("RGB", (60, 44), (255, 255, 255))
@@ -59,12 +59,12 @@ def test_exported_composition_answers_as_vlmkit_without_vlmkit(pretrained_checkp
 
     env = os.environ | {"OMP_NUM_THREADS": "2"}
     subprocess.run([sys.executable, "-c", STANDALONE, str(tmp_path / "llava"), str(tmp_path / "image.png"),
-                    str(tmp_path / "out.json")], check=True, env=env, timeout=300)  # fmt: skip
+                    str(tmp_path / "out.json")], check=True, env=env, timeout=300)
     exported = json.loads((tmp_path / "out.json").read_text())
 
     messages = [{"role": "user", "content": "<image>\n" + QUESTION}]
     text = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False,
-                                                   add_generation_prompt=True)  # fmt: skip
+                                                   add_generation_prompt=True)
     assert exported["text"] == text
     assert text.startswith("<|im_start|>system\n")  # the LM's own template, default system line included
     inputs = processor.encode_conversation(messages, [Image.open(tmp_path / "image.png")], add_generation_prompt=True)
@@ -73,6 +73,6 @@ def test_exported_composition_answers_as_vlmkit_without_vlmkit(pretrained_checkp
     assert torch.allclose(torch.tensor(exported["pixel_values"]), pixel_values.flatten(), atol=1e-5)
     with torch.no_grad():
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
-                                   max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids.shape[1]:]  # fmt: skip
+                                   max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids.shape[1]:]
     assert len(generated) == NEW_TOKENS or generated[-1] == processor.tokenizer.eos_token_id
     assert exported["generated"] == generated.tolist()

@@ -37,7 +37,7 @@ def vlmkit(args: list[str], processes: int | None = None, timeout: int = 300) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     # A session of its own, so a hang can be ended with every worker torchrun started.
     process = subprocess.Popen(launcher + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)  # fmt: skip
+                               start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -84,7 +84,7 @@ def _text_only(source: Path, target: Path, n: int) -> Path:
 def test_text_only_batches_on_one_process_and_images_on_the_other_do_not_hang(synth_dir, tmp_path, checkpointing):
     text = _text_only(synth_dir / "captions.jsonl", tmp_path / "text.jsonl", 16)
     config = write_config(tmp_path / "run.yaml", [str(synth_dir / "val.jsonl"), str(text)], max_steps=6,
-                          save_steps=6, batch_size=1, gradient_checkpointing=checkpointing)  # fmt: skip
+                          save_steps=6, batch_size=1, gradient_checkpointing=checkpointing)
     vlmkit(["train", str(config), "--output-dir", str(tmp_path / "mixed")], processes=2, timeout=120)
     assert sorted(losses(tmp_path / "mixed" / "checkpoint-6")) == [1, 2, 3, 4, 5, 6]
 
@@ -107,7 +107,7 @@ def test_lora_dpo_on_two_processes(synth_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     write_preferences(pairs, make_preferences(read_records(synth_dir / "test.jsonl")[0]))
     config = write_config(tmp_path / "run.yaml", str(pairs), max_steps=3, save_steps=3, batch_size=2,
-                          lr={"lm": 1e-3, "projector": 1e-3})  # fmt: skip
+                          lr={"lm": 1e-3, "projector": 1e-3})
     out = tmp_path / "dpo"
     vlmkit(["dpo", str(config), "--output-dir", str(out), "--set", "lora.enabled=true"], processes=2)
     assert (out / "adapter_config.json").is_file() and (out / "base" / "config.json").is_file()

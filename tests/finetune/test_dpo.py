@@ -26,7 +26,7 @@ def question_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("questions")
     synth(out, seed=1, sizes={"train": 0, "captions": 0, "val": 32, "test": 48, "compositional": 0}, image_size=32,
-          workers=1, progress=False)  # fmt: skip
+          workers=1, progress=False)
     return out
 
 
@@ -61,7 +61,7 @@ def test_built_in_pairs_prefer_the_correct_answer_to_another_of_its_category(que
 def test_pairs_supervise_only_the_final_reply(tiny, tmp_path):
     record = Record("p", [], [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"},
                               {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "blue"}],
-                    extra={"chosen": "blue", "rejected": "green"})  # fmt: skip
+                    extra={"chosen": "blue", "rejected": "green"})
     dataset = PreferenceDataset([record], tiny.processor, max_length=256)
     batch = PairCollator(tiny.processor.tokenizer.pad_token_id)([dataset[0]])
     decode = tiny.processor.tokenizer.decode
@@ -75,7 +75,7 @@ def test_pairs_supervise_only_the_final_reply(tiny, tmp_path):
     [(lambda r: r.pop("rejected"), "field 'rejected' is missing"),
      (lambda r: r.update(chosen=""), "field 'chosen' is missing or empty"),
      (lambda r: r["conversations"].append({"role": "assistant", "content": "x"}), "must end with a user turn")],
-)  # fmt: skip
+)
 def test_bad_preference_records_stop_dpo_before_training(preference_files, tmp_path, change, message):
     lines = preference_files[0].read_text().splitlines()
     bad = json.loads(lines[2])
@@ -91,7 +91,7 @@ def test_bad_preference_records_stop_dpo_before_training(preference_files, tmp_p
 def test_dpo_on_the_built_in_pairs_end_to_end(preference_files, tmp_path):
     train, held_out = preference_files
     settings = ["train.stage=dpo", "train.max_steps=16", "train.batch_size=4", "train.lr.lm=1e-2",
-                "train.lr.projector=1e-2", "dpo.beta=0.5"]  # fmt: skip
+                "train.lr.projector=1e-2", "dpo.beta=0.5"]
     cfg = make_config(train, tmp_path / "dpo", settings)
     cfg.data.eval = str(held_out)
     out = run_dpo(cfg, log=lambda *a: None)
@@ -119,7 +119,7 @@ def test_dpo_on_the_built_in_pairs_end_to_end(preference_files, tmp_path):
 def test_dpo_learns_a_preference_the_model_can_express(tmp_path):
     """Text-only pairs whose preference needs no vision: DPO's implicit reward ranks every pair right."""
     lines = [json.dumps({"id": str(i), "conversations": [{"role": "user", "content": f"Is the sky green? ({i})"}],
-                         "chosen": "No.", "rejected": "Yes, it is."}) for i in range(16)]  # fmt: skip
+                         "chosen": "No.", "rejected": "Yes, it is."}) for i in range(16)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     settings = ["train.stage=dpo", "train.max_steps=6", "train.batch_size=4", "train.lr.lm=1e-2"]
     cfg = make_config(tmp_path / "pairs.jsonl", tmp_path / "dpo", settings)
@@ -131,7 +131,7 @@ def test_the_dpo_command_runs_the_dpo_stage(preference_files, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"model": {"vision_config": TEST_VISION, "text_config": TEST_TEXT,
                                                 "vocab_size": 400},
-                                      "train": {"report_to": [], "batch_size": 2}}))  # fmt: skip
+                                      "train": {"report_to": [], "batch_size": 2}}))
     few = preference_files[0].with_name("few.jsonl")  # beside the original, whose relative image paths it keeps
     few.write_text("".join(preference_files[0].read_text().splitlines(keepends=True)[:6]))
     out = tmp_path / "run"

@@ -25,13 +25,13 @@ def _trl_loss(per_token: torch.Tensor, mask: torch.Tensor, reference: torch.Tens
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
         loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
         _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
-    )  # fmt: skip
+    )
     rows, length = per_token.shape[0], per_token.shape[1] + 1
     outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
                               mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(per_token).bool())
     inputs = {"input_ids": torch.zeros(rows, length, dtype=torch.long), "attention_mask": torch.ones(rows, length),
               "completion_mask": torch.cat([torch.zeros(rows, 1), mask], dim=1),
-              "ref_chosen_logps": reference[:, 0], "ref_rejected_logps": reference[:, 1]}  # fmt: skip
+              "ref_chosen_logps": reference[:, 0], "ref_rejected_logps": reference[:, 1]}
     loss = trl_dpo.DPOTrainer._compute_loss(stand_in, lambda **kwargs: outputs, inputs, return_outputs=False)
     return loss, {k: v[0] for k, v in stand_in._metrics["train"].items()}
 

@@ -31,7 +31,7 @@ def test_shipped_deepspeed_configs_agree_with_any_command_line(name):
 
 def test_contradictions_are_listed_field_by_field():
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto", "train_batch_size": 16,
-          "bf16": {"enabled": True}, "optimizer": {"type": "AdamW"}}  # fmt: skip
+          "bf16": {"enabled": True}, "optimizer": {"type": "AdamW"}}
     problems = deepspeed_mismatches(ds, TrainConfig(batch_size=2, grad_accum=2), world_size=2)
     assert len(problems) == 4
     assert problems[0] == "train_micro_batch_size_per_gpu is 4 but train.batch_size gives 2"
@@ -56,7 +56,7 @@ def test_a_contradicting_deepspeed_file_stops_the_run_before_the_model_is_built(
     "overrides, message",
     [(["train.deepspeed=missing.json"], "missing.json not found"),
      (["train.deepspeed=x.json", "train.fsdp=full_shard"], "choose one engine")],
-)  # fmt: skip
+)
 def test_impossible_engine_settings(synth_dir, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         run(make_config(synth_dir / "train.jsonl", tmp_path / "run", overrides))

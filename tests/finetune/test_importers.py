@@ -116,7 +116,7 @@ def test_the_command_line_imports_and_moves_with_its_images(tmp_path, capsys):
      ("minigpt4qwen", [{"image": "images/red.png", "output": "x"}], "'instruction' is missing"),
      ("llava", {"not": "a list"}, "expected a JSON list"),
      ("bvlm", {"0": {"path": "images/", "image_file": "red.png", "ID": 7}}, "needs its captions file")],
-)  # fmt: skip
+)
 def test_bad_sources_name_the_problem(tmp_path, source_format, content, message):
     source = tmp_path / "source.json"
     source.write_text(json.dumps(content))

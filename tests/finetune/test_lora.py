@@ -87,7 +87,7 @@ def test_merged_save_writes_one_plain_model(synth_dir, train_records, tmp_path, 
      (["lora.vision=true", "train.lr.vision=0"], "lora.vision is on but train.lr.vision is 0"),
      (["lora.quantize=4bit"], "needs a CUDA GPU and the bitsandbytes package"),
      (["lora.save=both"], "lora.save 'both'")],
-)  # fmt: skip
+)
 def test_bad_lora_settings_fail_before_training(synth_dir, tmp_path, trainers, overrides, message):
     if "quantize" in overrides[0] and torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the message is for machines without one")

@@ -26,11 +26,11 @@ def test_sharded_training_runs_checkpoints_and_resumes(synth_dir, tmp_path, engi
 
         settings = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["train"]
     config = write_config(tmp_path / "run.yaml", str(synth_dir / "train.jsonl"), save_steps=3, batch_size=2,
-                          **settings)  # fmt: skip
+                          **settings)
     out = tmp_path / "run"
     vlmkit(["train", str(config), "--output-dir", str(out), "--max-steps", "3"], processes=2, timeout=540)
     vlmkit(["train", str(config), "--output-dir", str(out), "--max-steps", "5", "--resume", "--set",
-            "train.save_steps=5"], processes=2, timeout=300)  # fmt: skip
+            "train.save_steps=5"], processes=2, timeout=300)
 
     first, resumed = losses(out / "checkpoint-3"), losses(out / "checkpoint-5")
     assert sorted(resumed) == [1, 2, 3, 4, 5]

@@ -76,7 +76,7 @@ def test_auto_classes_load_a_saved_model(tiny, tmp_path):
     assert processor.tokenizer.get_vocab() == tiny.processor.tokenizer.get_vocab()
     # The standard transformers call: prompt text with markers plus images.
     text = processor.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nWhat?"}], tokenize=False,
-                                                   add_generation_prompt=True)  # fmt: skip
+                                                   add_generation_prompt=True)
     batch = processor(text=text, images=Image.new("RGB", (32, 32)))
     with torch.no_grad():
         expected = tiny.model.eval()(**batch).logits
@@ -109,7 +109,7 @@ def test_unused_encoder_parts_are_frozen(tiny):
 
 
 @pytest.mark.parametrize("vision_config", [None, {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [8, 16],
-                                                  "depths": [1, 1], "groups_width": 8, "layer_type": "y"}])  # fmt: skip
+                                                  "depths": [1, 1], "groups_width": 8, "layer_type": "y"}])
 def test_composed_language_model_stays_causal(train_records, vision_config):
     """Regression: a composite config made without attn_implementation once left the LM with
     none, and it silently attended to later tokens (training loss fell to ~0, eval was chance)."""
@@ -135,7 +135,7 @@ def test_init_from_a_saved_cnn_model_gives_identical_logits(train_records, tmp_p
     from tests.conftest import tiny_model_config  # noqa: I001
 
     regnet = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
-              "groups_width": 8, "layer_type": "y"}  # fmt: skip
+              "groups_width": 8, "layer_type": "y"}
     built = build(tiny_model_config(vision_config=regnet, image_size=32), training_texts=lambda: _texts(train_records))
     built.model.eval().save_pretrained(tmp_path)
     built.processor.save_pretrained(tmp_path)

@@ -34,15 +34,15 @@ REPLIES = ("It is red.", "Blue, I think.")
 CHAT = [{"role": "user", "content": "<image>\nWhat colour is the circle?"},
         {"role": "assistant", "content": REPLIES[0]},
         {"role": "user", "content": "And the square?"},
-        {"role": "assistant", "content": REPLIES[1]}]  # fmt: skip
+        {"role": "assistant", "content": REPLIES[1]}]
 TEXT_CHAT = [{"role": "user", "content": "Name a primary colour."},
              {"role": "assistant", "content": "Red is a primary colour."},
-             {"role": "user", "content": "And another?"}]  # fmt: skip
+             {"role": "user", "content": "And another?"}]
 
 
 def composition(**overrides) -> ModelConfig:
     return ModelConfig(**{"vision": DINO, "lm": LM, "projector": "mlp", "vision_feature_layer": -2, "image_size": 56,
-                          **overrides})  # fmt: skip
+                          **overrides})
 
 
 def shape_image(colour, size=64) -> Image.Image:
@@ -69,7 +69,7 @@ def base(pretrained_checkpoints):
 def test_text_only_input_gives_the_bare_lms_logits(built, base):
     lm, tokenizer = base
     ids = tokenizer.apply_chat_template(TEXT_CHAT, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]  # fmt: skip
+                                        return_dict=True)["input_ids"]
     with torch.no_grad():
         composed, alone = built.model(input_ids=ids).logits, lm(input_ids=ids).logits
     assert composed.shape[-1] == LM_VOCAB + 1
@@ -146,7 +146,7 @@ def test_only_the_assistant_replies_and_their_end_of_turn_are_supervised(built, 
 
 def _prompt(processor, image):
     encoded = processor.encode_conversation([{"role": "user", "content": "<image>\nWhat colour is the circle?"}],
-                                            [image], add_generation_prompt=True)  # fmt: skip
+                                            [image], add_generation_prompt=True)
     ids = encoded["input_ids"][None]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": encoded["pixel_values"]}
 
@@ -157,7 +157,7 @@ def test_cached_greedy_generation_equals_step_by_step_argmax(built):
     steps = 5
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None,
-                                   use_cache=True)[0, inputs["input_ids"].shape[1]:]  # fmt: skip
+                                   use_cache=True)[0, inputs["input_ids"].shape[1]:]
         ids = inputs["input_ids"]
         for _ in range(steps):
             logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], use_cache=False).logits[0, -1]
@@ -171,7 +171,7 @@ def test_feature_cache_gives_the_same_loss_without_running_the_encoder_again(bui
     model, processor = built.model, built.processor
     images = [shape_image((220, 20, 20)), shape_image((20, 20, 220))]
     batch = Collator(processor.tokenizer.pad_token_id)([processor.encode_conversation(CHAT, [image])
-                                                        for image in images])  # fmt: skip
+                                                        for image in images])
     calls = []
     forward = model.vision_tower.forward
     monkeypatch.setattr(model.vision_tower, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
@@ -195,7 +195,7 @@ def test_feature_cache_gives_the_same_loss_without_running_the_encoder_again(bui
 
 # A vision transformer family vlmkit has no entry for: DINOv3 with two registers (CLS + 2 before the patches).
 TINY_DINOV3 = {"model_type": "dinov3_vit", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-               "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "num_register_tokens": 2}  # fmt: skip
+               "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "num_register_tokens": 2}
 
 
 def test_an_unlisted_vit_family_is_probed_and_the_count_saved(train_records, tmp_path):
@@ -204,7 +204,7 @@ def test_an_unlisted_vit_family_is_probed_and_the_count_saved(train_records, tmp
     assert TINY_DINOV3["model_type"] not in vision.VIT_PREFIX_TOKENS
     torch.manual_seed(0)
     result = build(tiny_model_config(vision_config=dict(TINY_DINOV3), vision_feature_select_strategy="full"),
-                   training_texts=lambda: _texts(train_records))  # fmt: skip
+                   training_texts=lambda: _texts(train_records))
     assert getattr(result.model.config.vision_config, vision.PREFIX_ATTRIBUTE) == 3
     assert result.processor.tokens_per_crop == 3 + 16  # "full" keeps the prefix tokens: 4x4 patches + 3
     result.model.eval().save_pretrained(tmp_path)

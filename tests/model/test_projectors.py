@@ -17,7 +17,7 @@ from vlmkit.model.tokens import grid_multiple, image_token_spec, num_image_token
 VISION_DIM, TEXT_DIM = 8, 16
 # Small args so each projector stays tiny; every other arg keeps its default.
 ARGS = {"resampler": {"num_queries": 5}, "qformer": {"num_queries": 6}, "pixel_shuffle": {}, "mlp": {},
-        "linear": {}, "layernorm_mlp": {}, "tag_groups": {"tags": ("a", "b", "c", "d"), "groups": (("b", "d"),), "features": True}}  # fmt: skip
+        "linear": {}, "layernorm_mlp": {}, "tag_groups": {"tags": ("a", "b", "c", "d"), "groups": (("b", "d"),), "features": True}}
 VARIANTS = [(name, ARGS.get(name, {})) for name in PROJECTORS] + [
     ("mlp", {"pos_embed": True}),  # learned positions, resized for grids other than the config's
     ("pixel_shuffle", {"factor": 3, "hidden_size": 12}),
@@ -116,7 +116,7 @@ def test_pixel_shuffle_equals_an_explicit_loop():
             torch.stack([torch.cat([grid[c, i * f + a, j * f + b] for a in range(f) for b in range(f)])
                          for i in range(h // f) for j in range(w // f)])
             for c in range(2)
-        ])  # fmt: skip
+        ])
         assert torch.equal(pixel_shuffle(patches, (h, w), f), expected)
 
 
@@ -166,7 +166,7 @@ def test_linear_and_mlp_keep_their_parameter_names_and_positions():
     assert names == {"linear.weight", "linear.bias"}
     mlp = projector_class("mlp")(4, 6, {"layernorm": True}, (2, 2), 1)
     assert {n for n, _ in mlp.named_parameters()} == {"norm.weight", "norm.bias", "linear_1.weight",
-                                                      "linear_1.bias", "linear_2.weight", "linear_2.bias"}  # fmt: skip
+                                                      "linear_1.bias", "linear_2.weight", "linear_2.bias"}
     assert not dict(projector_class("mlp")(4, 6, {}, (2, 2), 1).named_parameters()).keys() & {"norm.weight"}
     positions = GridPositions((2, 3), 1, 4, enabled=True)
     tokens = torch.randn(2, 7, 4)
@@ -192,7 +192,7 @@ def test_positions_join_normalised_features_before_the_projection(name):
 
 def test_token_count_helpers_follow_the_projector():
     spec = {"projector_type": "pixel_shuffle", "projector_args": {"factor": 2}, "grid": [4, 4], "prefix": 1,
-            "input_size": 32}  # fmt: skip
+            "input_size": 32}
     assert num_image_tokens(spec) == 4 and num_image_tokens(spec, (6, 2)) == 3 and grid_multiple(spec) == 2
     spec = {**spec, "projector_type": "mlp", "projector_args": {}}
     assert num_image_tokens(spec) == 17 and num_image_tokens(spec, (2, 3)) == 7 and grid_multiple(spec) == 1
@@ -210,7 +210,7 @@ def tokenizer(train_records):
 
 
 @pytest.mark.parametrize(("name", "args"), [("layernorm_mlp", {}), ("pixel_shuffle", {}),
-                                            ("resampler", {"num_queries": 8}), ("qformer", {"num_queries": 8})])  # fmt: skip
+                                            ("resampler", {"num_queries": 8}), ("qformer", {"num_queries": 8})])
 def test_a_tiny_vlm_with_each_new_projector_trains_and_reloads(name, args, tokenizer, tmp_path):
     from tests.conftest import tiny_model_config
     from vlmkit.model.build import build
@@ -221,7 +221,7 @@ def test_a_tiny_vlm_with_each_new_projector_trains_and_reloads(name, args, token
     assert model.tokens_per_crop == processor.tokens_per_crop == num_image_tokens(image_token_spec(model.config))
     images = [Image.new("RGB", (32, 32), (200, 30, 10)), Image.new("RGB", (32, 32), (10, 30, 200))]
     text = processor.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\n<image>\nWhich is red?"}],
-                                                   tokenize=False, add_generation_prompt=True)  # fmt: skip
+                                                   tokenize=False, add_generation_prompt=True)
     inputs = dict(processor(text=text, images=images))
     ids = inputs["input_ids"]
     assert int((ids == model.config.image_token_id).sum()) == 2 * model.tokens_per_crop  # native size: one crop each

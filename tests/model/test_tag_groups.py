@@ -19,7 +19,7 @@ from vlmkit.train.run import run
 TAGS = ("a", "b", "c", "d", "e", "f")
 ARGS = {"tags": TAGS, "groups": [["b", "d"], ["a"]], "factor": 2}
 TEST_REGNET = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [16, 32], "depths": [1, 1],
-               "groups_width": 8, "layer_type": "y"}  # fmt: skip
+               "groups_width": 8, "layer_type": "y"}
 
 
 def test_tokens_are_each_groups_pooled_scores_projected_cell_by_cell():
@@ -36,7 +36,7 @@ def test_tokens_are_each_groups_pooled_scores_projected_cell_by_cell():
             pooled = scores[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].reshape(2, 4, -1).logsumexp(1)  # (crop, tag)
             for g, group in enumerate(group_indices(ARGS)):
                 expected = (projector.proj[g](pooled[:, group]) + projector.group_embedding[g]
-                            + projector.positions.embedding[cell])  # fmt: skip
+                            + projector.positions.embedding[cell])
                 torch.testing.assert_close(out[:, 2 * cell + g], expected)
 
 
@@ -88,7 +88,7 @@ def tagging_tower(synth_dir, tmp_path_factory):
     torch.manual_seed(0)
     run(load_config(None, ["train.stage=vision", "train.report_to=[]", "train.batch_size=4", "train.max_steps=3",
                            f"data.train={synth_dir / 'captions.jsonl'}", f"train.output_dir={out}", "model.image_size=32",
-                           *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]]))  # fmt: skip
+                           *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]]))
     return out
 
 
@@ -101,12 +101,12 @@ def _align(synth_dir, tower, out, *overrides):
                            f"model.vision={tower}", "model.image_size=32", "model.projector=tag_groups",
                            f"model.projector_args={json.dumps({'factor': 2, 'groups': [colours], 'features': True})}",
                            "model.vocab_size=400", *[f"model.text_config.{k}={json.dumps(v)}" for k, v in TEST_TEXT.items()],
-                           *overrides]))  # fmt: skip
+                           *overrides]))
     return tags
 
 
 def test_align_with_tag_groups_keeps_the_vision_stages_head_frozen_and_reloads_without_the_tower(
-        synth_dir, tagging_tower, tmp_path):  # fmt: skip
+        synth_dir, tagging_tower, tmp_path):
     tower = tmp_path / "tower"
     shutil.copytree(tagging_tower, tower)
     head = load_file(str(tower / HEAD_FILE))
@@ -126,17 +126,17 @@ def test_align_with_tag_groups_keeps_the_vision_stages_head_frozen_and_reloads_w
 
 def test_tag_groups_refuses_a_tower_it_cannot_read(synth_dir, tagging_tower, tmp_path):
     base = ["train.stage=align", "train.report_to=[]", "train.max_steps=1", f"data.train={synth_dir / 'captions.jsonl'}",
-            f"train.output_dir={tmp_path / 'out'}", "model.image_size=32", "model.projector=tag_groups"]  # fmt: skip
+            f"train.output_dir={tmp_path / 'out'}", "model.image_size=32", "model.projector=tag_groups"]
     untagged = [*base, f"model.projector_args={json.dumps({'groups': [['red']]})}",
-                *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]]  # fmt: skip
+                *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]]
     with pytest.raises(ConfigError, match=HEAD_FILE):  # a tower from a config: no tag head at all
         run(load_config(None, untagged))
     with pytest.raises(ConfigError, match="zebra not among the tower's tags.*tags.json"):
         run(load_config(None, [*base, f"model.vision={tagging_tower}",
-                               f"model.projector_args={json.dumps({'groups': [['zebra']]})}"]))  # fmt: skip
+                               f"model.projector_args={json.dumps({'groups': [['zebra']]})}"]))
     with pytest.raises(ConfigError, match="filled in from the tower's tags.json"):
         run(load_config(None, [*base, f"model.vision={tagging_tower}",
-                               f"model.projector_args={json.dumps({'groups': [['red']], 'tags': ['red']})}"]))  # fmt: skip
+                               f"model.projector_args={json.dumps({'groups': [['red']], 'tags': ['red']})}"]))
     with pytest.raises(ConfigError, match="vision_feature_layer -1, but model.vision_feature_layer is -2"):
         _align(synth_dir, tagging_tower, tmp_path / "layer", "model.vision_feature_layer=-2")
     other = tmp_path / "other"

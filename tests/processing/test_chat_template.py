@@ -12,22 +12,22 @@ from vlmkit.processing.tokenizer_training import chat_template, train_tokenizer
 # the conversation has none, and a newline after each end-of-turn token.
 PLAIN = ("{% if messages[0]['role'] != 'system' %}<|system|>Be brief.<end>\n{% endif %}"
          "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<end>\n{% endfor %}"
-         "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
+         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # The same rendering, with the assistant's part marked the way transformers reads it.
 MARKED = ("{% if messages[0]['role'] != 'system' %}<|system|>Be brief.<end>\n{% endif %}"
           "{% for m in messages %}<|{{ m['role'] }}|>"
           "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<end>{% endgeneration %}"
           "{% else %}{{ m['content'] }}<end>{% endif %}{{ '\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
+          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # Renders the last user turn differently, so a prompt is not a prefix of the whole conversation.
 LAST_TURN_DIFFERS = ("{% for m in messages %}{% if loop.last and m['role'] == 'user' %}[latest] {% endif %}"
                      "<|{{ m['role'] }}|>{{ m['content'] }}<end>\n{% endfor %}"
-                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # fmt: skip
+                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 CHAT = [{"role": "user", "content": "What colour is the circle?"},
         {"role": "assistant", "content": "It is red."},
         {"role": "user", "content": "And the square?"},
-        {"role": "assistant", "content": "Blue, I think."}]  # fmt: skip
+        {"role": "assistant", "content": "Blue, I think."}]
 SYSTEM = {"role": "system", "content": "You answer in one sentence."}
 
 
@@ -62,7 +62,7 @@ def test_prefix_rendering_masks_what_generation_markers_mark(tokenizer):
     conversations = [CHAT, [SYSTEM, *CHAT], CHAT[:2]]
     ours = tokenize_with_assistant_mask(tokenizer, PLAIN, conversations)
     marked = tokenizer.apply_chat_template(conversations, chat_template=MARKED, tokenize=True, return_dict=True,
-                                           return_assistant_tokens_mask=True)  # fmt: skip
+                                           return_assistant_tokens_mask=True)
     assert ours["input_ids"] == marked["input_ids"]
     assert ours["assistant_masks"] == marked["assistant_masks"]
     ids, mask = ours["input_ids"][0], ours["assistant_masks"][0]

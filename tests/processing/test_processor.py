@@ -46,7 +46,7 @@ def _multi_turn(record):
     turns = [dict(t) for t in record.conversations]
     first_reply = next(t["content"] for t in turns if t["role"] == "assistant")
     return ([{"role": "system", "content": "You answer questions about shapes. Be brief."}] + turns
-            + [{"role": "user", "content": first_reply}, {"role": "assistant", "content": "Yes, " + first_reply}])  # fmt: skip
+            + [{"role": "user", "content": first_reply}, {"role": "assistant", "content": "Yes, " + first_reply}])
 
 
 def test_labels_cover_exactly_the_assistant_replies_and_their_end_of_turn(processor, train_records):
@@ -69,7 +69,7 @@ def test_labels_cover_exactly_the_assistant_replies_and_their_end_of_turn(proces
     assert [tokenizer.decode(ids[a:b]) for a, b in runs] == [reply + END_OF_TURN for reply in replies]
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     assert all(int(ids[b - 1]) == end_id for _, b in runs)
-    assert all(tokenizer.decode(ids[b:b + 1]) == "\n" for _, b in runs)  # fmt: skip
+    assert all(tokenizer.decode(ids[b:b + 1]) == "\n" for _, b in runs)
     assert all(tokenizer.decode(ids[:a]).endswith("<|im_start|>assistant\n") for a, _ in runs)
 
     # Nothing else is supervised: the unsupervised remainder holds every system and user text,
@@ -88,7 +88,7 @@ def test_labels_cover_exactly_the_assistant_replies_and_their_end_of_turn(proces
 
 def test_image_placeholders_inside_an_assistant_turn_are_never_supervised(processor):
     conversation = [{"role": "user", "content": "Show me the picture again."},
-                    {"role": "assistant", "content": "Here: <image> that is the one."}]  # fmt: skip
+                    {"role": "assistant", "content": "Here: <image> that is the one."}]
     encoded = processor.encode_conversation(conversation, _images(1))
     ids, labels = encoded["input_ids"], encoded["labels"]
     placeholders = ids == processor.image_token_id
@@ -126,7 +126,7 @@ def test_placeholder_count_is_tokens_per_crop_times_images(built, full_strategy,
     # Images spread over several turns, markers in the middle of text.
     conversation = [{"role": "user", "content": "Look: <image> and" + " <image>" * (n_images - 1) + " ok?"},
                     {"role": "assistant", "content": "yes"},
-                    {"role": "user", "content": "Count them."}, {"role": "assistant", "content": str(n_images)}]  # fmt: skip
+                    {"role": "user", "content": "Count them."}, {"role": "assistant", "content": str(n_images)}]
     encoded = processor.encode_conversation(conversation, _images(n_images))
     ids = encoded["input_ids"]
     assert int((ids == processor.image_token_id).sum()) == per_crop * n_images
@@ -157,7 +157,7 @@ def test_save_pretrained_from_pretrained_round_trip_gives_identical_encodings(pr
         assert (before["labels"] != IGNORE_INDEX).any()
     # The transformers-style call (prompt text with markers, images) agrees too.
     prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nWhat?"}], tokenize=False,
-                                                     add_generation_prompt=True)  # fmt: skip
+                                                     add_generation_prompt=True)
     a, b = processor(text=prompt, images=_images(1)), loaded(text=prompt, images=_images(1))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -172,5 +172,5 @@ def test_a_data_set_tokenised_in_chunks_equals_each_record_encoded_alone(process
     assert [e.record.id for e in dataset.examples] == [r.id for r in records]
     for example, record in zip(dataset.examples, records):
         alone = processor.encode_text(record.conversations, processor.plans(
-            [Image.open(path) for path in record.images]))  # fmt: skip
+            [Image.open(path) for path in record.images]))
         assert torch.equal(example.input_ids, alone["input_ids"]) and torch.equal(example.labels, alone["labels"])

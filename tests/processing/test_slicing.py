@@ -81,7 +81,7 @@ def test_small_unsliced_image_is_scaled_up_and_never_split_keeps_one_view():
 
 
 @pytest.mark.parametrize(("size", "grid"), [((2000, 500), (4, 1)), ((500, 2000), (1, 4)), ((1400, 700), (3, 2)),
-                                            ((700, 1400), (2, 3)), ((3000, 300), (6, 1))])  # fmt: skip
+                                            ((700, 1400), (2, 3)), ((3000, 300), (6, 1))])
 def test_wide_images_get_wide_grids_and_tall_images_tall_ones(size, grid):
     assert slice_grid(*size, slice_size=448, max_slices=9) == grid
 
@@ -108,7 +108,7 @@ def test_best_size_and_refine_size_by_hand():
 
 @PROPERTY
 @given(width=st.integers(1, 20_000), height=st.integers(1, 20_000), slice_size=st.integers(14, 1024),
-       max_slices=st.integers(1, 16))  # fmt: skip
+       max_slices=st.integers(1, 16))
 def test_chosen_grid_is_the_best_candidate(width, height, slice_size, max_slices):
     grid = slice_grid(width, height, slice_size, max_slices)
     candidates = _candidates(width, height, slice_size, max_slices)
@@ -125,7 +125,7 @@ def test_chosen_grid_is_the_best_candidate(width, height, slice_size, max_slices
 
 @PROPERTY
 @given(width=st.integers(4, 900), height=st.integers(4, 900), slice_size=st.sampled_from([28, 56, 112, 224]),
-       multiple=st.sampled_from([7, 14]), max_slices=st.integers(1, 9))  # fmt: skip
+       multiple=st.sampled_from([7, 14]), max_slices=st.integers(1, 9))
 def test_slices_are_equal_multiples_of_the_patch_and_never_too_many(width, height, slice_size, multiple, max_slices):
     sliced = minicpm_slices(Image.new("RGB", (width, height)), slice_size, max_slices, multiple)
     assert sliced.grid == slice_grid(width, height, slice_size, max_slices)
@@ -188,7 +188,7 @@ def test_anyres_pads_with_the_fill_colour_and_keeps_the_image_centred():
 
 @PROPERTY
 @given(width=st.integers(4, 1200), height=st.integers(4, 1200), tile_size=st.sampled_from([16, 32, 64]),
-       max_tiles=st.integers(1, 9))  # fmt: skip
+       max_tiles=st.integers(1, 9))
 def test_anyres_tiles_are_exact_squares_and_never_too_many(width, height, tile_size, max_tiles):
     sliced = anyres_tiles(Image.new("RGB", (width, height)), tile_size, max_tiles)
     cols, rows = sliced.grid

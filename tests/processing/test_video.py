@@ -126,7 +126,7 @@ def test_video_marker_becomes_one_timed_image_marker_per_frame():
 
 def test_conversations_expand_only_the_turn_with_the_marker():
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\n<video>\nSame?"},
-             {"role": "assistant", "content": "yes"}]  # fmt: skip
+             {"role": "assistant", "content": "yes"}]
     out = expand_video_conversations(turns, [0.0, 1.0])
     assert out[1]["content"] == "<image>\n0.0s: <image>\n1.0s: <image>\nSame?"
     assert out[0] == turns[0] and turns[1]["content"] == "<image>\n<video>\nSame?"  # the input is left alone
@@ -140,5 +140,5 @@ def test_frames_are_spliced_in_where_the_video_marker_stands():
     assert items == ["a", "f0", "f1", "f2", "b"]
     assert expanded[0]["content"].count("<image>") == len(items) and "<video>" not in expanded[0]["content"]
     later = [{"role": "user", "content": "<image>\nFirst."}, {"role": "assistant", "content": "ok"},
-             {"role": "user", "content": "<video>\nThen?"}, {"role": "assistant", "content": "y"}]  # fmt: skip
+             {"role": "user", "content": "<video>\nThen?"}, {"role": "assistant", "content": "y"}]
     assert with_video_frames(later, ["a"], ["f0"], [0.0])[1] == ["a", "f0"]

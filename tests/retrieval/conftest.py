@@ -31,6 +31,6 @@ def make_retriever(texts: list[str], dropout: float = 0.0, seed: int = 0, **opti
 
     torch.manual_seed(seed)
     cfg = tiny_model_config(text_config={**TEST_TEXT, "attention_dropout": dropout},
-                            vision_config={**TEST_VISION, "attention_dropout": dropout})  # fmt: skip
+                            vision_config={**TEST_VISION, "attention_dropout": dropout})
     built = build(cfg, training_texts=lambda: texts)
     return VLMRetriever.from_vlm(built.model, **options), built.processor

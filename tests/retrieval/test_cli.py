@@ -15,17 +15,17 @@ def test_docs_synth_train_index_search_eval(tmp_path, capsys):
     config.write_text(yaml.safe_dump({
         "model": {"vision_config": TEST_VISION, "text_config": TEST_TEXT, "vocab_size": 400},
         "train": {"batch_size": 8, "report_to": [], "logging_steps": 1, "save_steps": 1000},
-    }))  # fmt: skip
+    }))
     assert main(["retriever", "train", str(config), "--train-data", str(data / "train_pairs.jsonl"), "--docs",
                  str(data / "train_docs.h5"), "--output-dir", str(model), "--max-steps", "2", "--grad-cache",
-                 "--grad-cache-micro-batch-size", "3", "--set", "retrieval.pooling=mean"]) == 0  # fmt: skip
+                 "--grad-cache-micro-batch-size", "3", "--set", "retrieval.pooling=mean"]) == 0
     saved = json.loads((model / "config.json").read_text())
     assert saved["model_type"] == "vlmkit_retriever" and saved["pooling"] == "mean"
     assert json.loads((model / "train_summary.json").read_text())["steps"] == 2
 
     index = tmp_path / "index.safetensors"
     assert main(["retriever", "index", "--model", str(model), "--docs", str(data / "test_docs.h5"),
-                 "--out", str(index)]) == 0  # fmt: skip
+                 "--out", str(index)]) == 0
     capsys.readouterr()
     assert main(["retriever", "search", "a red header", "--model", str(model), "--index", str(index), "--k", "3"]) == 0
     hits = capsys.readouterr().out.splitlines()
@@ -34,7 +34,7 @@ def test_docs_synth_train_index_search_eval(tmp_path, capsys):
     metrics_path = tmp_path / "metrics.json"
     assert main(["retriever", "eval", "--model", str(model), "--docs", str(data / "test_docs.h5"), "--queries",
                  str(data / "test_queries.jsonl"), "--qrels", str(data / "test_qrels.tsv"), "--output",
-                 str(metrics_path)]) == 0  # fmt: skip
+                 str(metrics_path)]) == 0
     metrics = json.loads(metrics_path.read_text())
     assert metrics["n_queries"] == metrics["n_docs"] == 12 and 0 <= metrics["ndcg@10"] <= 1
     assert main(["retriever", "search", " ", "--model", str(model), "--index", str(index)]) == 2  # empty query

@@ -28,11 +28,11 @@ def train(docs_dir, out: Path, processes: int, batch_size: int, *extra: str) -> 
     config.write_text(yaml.safe_dump({
         "model": {"vision_config": TEST_VISION, "text_config": TEST_TEXT, "vocab_size": 400},
         "train": {"warmup": 0, "logging_steps": 1, "report_to": [], "batch_size": batch_size, "save_steps": 1000},
-    }))  # fmt: skip
+    }))
     launcher = [TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     args = ["-m", "vlmkit", "retriever", "train", str(config), "--train-data", str(docs_dir / "train_pairs.jsonl"),
             "--docs", str(docs_dir / "train_docs.h5"), "--output-dir", str(out), "--max-steps", "3",
-            *extra]  # fmt: skip
+            *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(launcher + args, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -63,7 +63,7 @@ def test_index_sharded_over_two_processes_is_identical(docs_dir, tmp_path):
         launcher = [TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
         out = tmp_path / f"index-{processes}.safetensors"
         args = ["-m", "vlmkit", "retriever", "index", "--model", str(tmp_path / "model"), "--docs",
-                str(docs_dir / "test_docs.h5"), "--out", str(out), "--batch-size", "5"]  # fmt: skip
+                str(docs_dir / "test_docs.h5"), "--out", str(out), "--batch-size", "5"]
         done = subprocess.run(launcher + args, capture_output=True, text=True, env=env, timeout=600, check=False)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         indexes[processes] = load_index(out)

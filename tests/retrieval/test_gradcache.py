@@ -52,7 +52,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def _grad_cache(model, batch, micro):
     n_q, n_d = batch["query"]["input_ids"].shape[0], batch["doc"]["input_ids"].shape[0]
     loss = grad_cache_step(lambda b: model(**b), [batch["query"], batch["doc"]],
-                           lambda reps: _loss(reps, n_q, n_d), micro)  # fmt: skip
+                           lambda reps: _loss(reps, n_q, n_d), micro)
     return loss, _grads(model)
 
 
@@ -106,7 +106,7 @@ def test_without_replay_dropout_breaks_exactness(dropout_setup, monkeypatch):
 
 @pytest.mark.parametrize(("options", "micros"), [({}, (1, 4, 12)), ({"pooling": "mean", "bidirectional": True}, (5,)),
                                                  ({"multi_vector_dim": 8}, (5,))],
-                         ids=["last", "mean-bidirectional", "multi-vector"])  # fmt: skip
+                         ids=["last", "mean-bidirectional", "multi-vector"])
 def test_grad_cache_equals_one_full_batch_forward(docs_dir, pairs, options, micros):
     model, processor = make_retriever([p.query for p in pairs], **options)
     model = model.double().train()
@@ -120,7 +120,7 @@ def test_grad_cache_equals_one_full_batch_forward(docs_dir, pairs, options, micr
 
 def test_split_batch_keeps_crops_with_their_rows():
     batch = {"input_ids": torch.arange(12).reshape(4, 3), "attention_mask": torch.tensor([[1, 1, 0]] * 3 + [[1, 1, 1]]),
-             "pixel_values": torch.arange(6.0).reshape(6, 1), "crops_per_row": torch.tensor([1, 2, 1, 2])}  # fmt: skip
+             "pixel_values": torch.arange(6.0).reshape(6, 1), "crops_per_row": torch.tensor([1, 2, 1, 2])}
     parts = split_batch(batch, 3)
     assert [p["pixel_values"].flatten().tolist() for p in parts] == [[0, 1, 2, 3], [4, 5]]
     assert parts[0]["input_ids"].shape == (3, 2)  # trimmed to its own longest row

@@ -60,7 +60,7 @@ def test_interrupted_write_leaves_the_store_as_it_was(store_path):
 def test_a_crashed_writers_lock_and_temp_file_are_cleaned_up(store_path):
     before = store_path.read_bytes()
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout)  # fmt: skip
+                              text=True, check=True).stdout)
     (store_path.parent / "pages.h5.lock").write_text(str(dead))
     (store_path.parent / f"pages.h5.tmp-{dead}").write_bytes(b"half-written")
     assert store_path.read_bytes() == before

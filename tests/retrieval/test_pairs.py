@@ -21,7 +21,7 @@ def _write(path, lines):
     ({"query": "q", "pos": []}, '"pos" is empty'),
     ({"query": "q", "pos": ["a"], "neg": "b"}, '"neg" must be a list'),
     ("{not json", "not valid JSON"),
-])  # fmt: skip
+])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     path = _write(tmp_path / "pairs.jsonl", [{"query": "fine", "pos": ["a"]}, line])
     with pytest.raises(DataError, match=rf"pairs\.jsonl:2: .*{message}"):

@@ -83,7 +83,7 @@ def test_text_layer_queries_are_unique_spans_of_each_page_and_resume(tmp_path):
     Image.new("RGB", (8, 8)).save(buffer, format="PNG")
     layers = {"a#1": "Installing the library\nRun make install to copy the shared library into place.",
               "a#2": "Installing the library\nThe parser reads abstract syntax notation from a file.",
-              "b#1": "", "b#2": "short line"}  # fmt: skip
+              "b#1": "", "b#2": "short line"}
     with PageStoreWriter(tmp_path / "pages.h5") as writer:
         for doc_id, text in layers.items():
             writer.add(doc_id, buffer.getvalue(), {"text": text})

@@ -33,7 +33,7 @@ def page_images():
 
 
 @pytest.mark.parametrize("options", [{}, {"pooling": "mean", "bidirectional": True}, {"pooling": "weighted_mean"},
-                                     {"multi_vector_dim": 8}])  # fmt: skip
+                                     {"multi_vector_dim": 8}])
 def test_embeddings_are_unit_vectors_and_batch_independent(pairs, page_images, options):
     model, processor = make_retriever(TEXTS)
     model = VLMRetriever.from_vlm(model.vlm, **options).eval()
@@ -82,7 +82,7 @@ def test_save_and_load_with_a_convolutional_tower(tmp_path, page_images):
 
     torch.manual_seed(0)
     regnet = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
-              "groups_width": 8, "layer_type": "y"}  # fmt: skip
+              "groups_width": 8, "layer_type": "y"}
     built = build(tiny_model_config(vision_config=regnet, image_size=32), training_texts=lambda: TEXTS)
     weights = {k: v.clone() for k, v in built.model.state_dict().items()}
     model = VLMRetriever.from_vlm(built.model, pooling="mean", multi_vector_dim=4).eval()

@@ -19,7 +19,7 @@ from vlmkit.train.trainer import apply_learning_rates
 def _train(docs_dir, pairs, out, train=(), **retrieval) -> tuple[dict, list[float]]:
     """Three optimizer steps of a float64 tiny retriever (same initial weights every call)."""
     overrides = ["train.report_to=[]", "train.warmup=0", "train.logging_steps=1", "train.batch_size=6",
-                 "train.max_steps=3", f"train.output_dir={out}", "train.save_steps=1000"]  # fmt: skip
+                 "train.max_steps=3", f"train.output_dir={out}", "train.save_steps=1000"]
     overrides += [f"train.{k}={json.dumps(v)}" for k, v in dict(train).items()]
     cfg = load_retriever_config(None, overrides + [f"retrieval.{k}={json.dumps(v)}" for k, v in retrieval.items()])
     model, processor = make_retriever([p.query for p in pairs])
@@ -45,7 +45,7 @@ def test_grad_cache_with_gradient_accumulation(docs_dir, pairs, tmp_path):
     accumulate = {"grad_accum": 2, "max_steps": 2}
     plain, plain_losses = _train(docs_dir, pairs, tmp_path / "plain", train=accumulate, temperature=0.1)
     cached, cached_losses = _train(docs_dir, pairs, tmp_path / "gc", train=accumulate, temperature=0.1,
-                                   grad_cache=True, grad_cache_micro_batch_size=5)  # fmt: skip
+                                   grad_cache=True, grad_cache_micro_batch_size=5)
     assert max(float((plain[k] - cached[k]).abs().max()) for k in plain) < 1e-10
     assert cached_losses == pytest.approx(plain_losses, abs=1e-12) and len(plain_losses) == 2
 
@@ -54,7 +54,7 @@ def test_missing_page_in_pairs_stops_before_training(docs_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"query": "a red page", "pos": ["train-00000"]}\n{"query": "b", "pos": ["gone-7"]}\n')
     cfg = load_retriever_config(None, [f"data.train={pairs}", f"data.docs={docs_dir / 'train_docs.h5'}",
-                                       f"train.output_dir={tmp_path / 'out'}"])  # fmt: skip
+                                       f"train.output_dir={tmp_path / 'out'}"])
     with pytest.raises(DataError, match=r"pairs\.jsonl:2 \(id 'gone-7'\): page 'gone-7' is not in the page store"):
         retrieval_run.run(cfg, log=lambda *a: None)
     assert not (tmp_path / "out").exists()
@@ -66,14 +66,14 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(docs_dir, tmp_path, mo
         return load_retriever_config(None, [
             f"data.train={docs_dir / 'train_pairs.jsonl'}", f"data.docs={docs_dir / 'train_docs.h5'}",
             f"train.output_dir={out}", "train.report_to=[]", "train.batch_size=4", "train.save_steps=2",
-            "model.vocab_size=400", "train.warmup=0", "train.scheduler=constant", *small, *extra])  # fmt: skip
+            "model.vocab_size=400", "train.warmup=0", "train.scheduler=constant", *small, *extra])
 
     retrieval_run.run(config(tmp_path / "whole", "train.max_steps=4"), log=lambda *a: None)
     retrieval_run.run(config(tmp_path / "parts", "train.max_steps=2"), log=lambda *a: None)  # "interrupted"
     steps = []
     original = RetrieverTrainer.training_step
     monkeypatch.setattr(RetrieverTrainer, "training_step",
-                        lambda self, *a, **k: steps.append(1) or original(self, *a, **k))  # fmt: skip
+                        lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
     retrieval_run.run(config(tmp_path / "parts", "train.max_steps=4", "train.resume=true"), log=lambda *a: None)
     assert len(steps) == 2  # it went on from step 2 rather than starting again
     assert json.loads((tmp_path / "parts" / "train_summary.json").read_text())["steps"] == 4

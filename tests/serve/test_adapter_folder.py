@@ -35,7 +35,7 @@ def adapter_dir(model_dir, synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "adapters"
     run(make_config(synth_dir / "train.jsonl", out, ["lora.enabled=true", "lora.save=adapter", "train.max_steps=3",
                                                       "train.lr.lm=1e-2", "train.lr.projector=1e-2",
-                                                      f"model.init_from={model_dir}"]))  # fmt: skip
+                                                      f"model.init_from={model_dir}"]))
     assert lora.is_adapter(out) and not (out / "config.json").exists()
     return out
 
@@ -83,7 +83,7 @@ def test_the_adapters_change_the_answers(adapter_dir, merged, loaded, images):
 def test_chat_answers_as_the_merged_model(adapter_dir, merged, images, capsys):
     for question, image in cases(images)[:4]:
         assert main(["chat", question, "--model", str(adapter_dir), "--image", str(image),
-                     "--max-new-tokens", str(TOKENS)]) == 0  # fmt: skip
+                     "--max-new-tokens", str(TOKENS)]) == 0
         assert capsys.readouterr().out == greedy(merged, question, image) + "\n"
 
 
@@ -97,9 +97,9 @@ def test_serve_answers_as_the_merged_model(adapter_dir, merged, images, monkeypa
             assert [m.id for m in client.models.list().data] == [adapter_dir.name]
             for question, image in cases(images):
                 content = [{"type": "image_url", "image_url": {"url": data_url(image)}},
-                           {"type": "text", "text": question}]  # fmt: skip
+                           {"type": "text", "text": question}]
                 reply = client.chat.completions.create(model=adapter_dir.name, temperature=0, max_tokens=TOKENS,
-                                                       messages=[{"role": "user", "content": content}])  # fmt: skip
+                                                       messages=[{"role": "user", "content": content}])
                 replies[question, image] = reply.choices[0].message.content
 
     monkeypatch.setattr(api, "run_server", serve_briefly)
@@ -114,7 +114,7 @@ def test_web_loads_the_merged_model(adapter_dir, merged, images, monkeypatch):
 
     def build_only(title, model=None, processor=None, search=None, **kwargs):
         launched.update(title=title, model=model, processor=processor, search=search, ui=web.build_ui(title, model,
-                        processor, search))  # fmt: skip
+                        processor, search))
 
     monkeypatch.setattr(web, "launch", build_only)
     assert main(["web", "--model", str(adapter_dir)]) == 0
@@ -128,7 +128,7 @@ def test_web_loads_the_merged_model(adapter_dir, merged, images, monkeypatch):
 def test_eval_scores_the_merged_model(adapter_dir, merged, synth_dir, tmp_path):
     output = tmp_path / "metrics.json"
     assert main(["eval", "--model", str(adapter_dir), "--data", str(synth_dir / "val.jsonl"), "--limit", "4",
-                 "--output", str(output)]) == 0  # fmt: skip
+                 "--output", str(output)]) == 0
     records = read_records(synth_dir / "val.jsonl")[0][:4]
     _, rows = evaluate(*merged, records, progress=False)
     written = output.with_suffix(".predictions.jsonl").read_text().splitlines()

@@ -105,7 +105,7 @@ def test_greedy_answer_matches_the_library_streamed_or_not(client, loaded):
     image = png_bytes()
     expected = expected_greedy(loaded, "What colour is the circle?", image)
     kwargs = {"model": NAME, "messages": [user_turn("What colour is the circle?", image)], "temperature": 0,
-              "max_tokens": 12}  # fmt: skip
+              "max_tokens": 12}
     reply = client.chat.completions.create(**kwargs)
     assert reply.choices[0].message.content == expected
     assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 16  # 16 image tokens
@@ -119,10 +119,10 @@ def test_two_images_and_a_second_turn(client, loaded):
     model, processor = loaded
     first, second = png_bytes(), png_bytes((30, 50), (10, 200, 10))
     messages = [user_turn("Compare them.", first, second), {"role": "assistant", "content": "ok"},
-                {"role": "user", "content": "And now?"}]  # fmt: skip
+                {"role": "user", "content": "And now?"}]
     reply = client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=8)
     library = [{"role": "user", "content": "<image>\n<image>\nCompare them."}, {"role": "assistant", "content": "ok"},
-               {"role": "user", "content": "And now?"}]  # fmt: skip
+               {"role": "user", "content": "And now?"}]
     images = [open_image(first), open_image(second)]
     settings = ReplySettings.of(GenerationSettings(max_new_tokens=8), processor)
     expected = "".join(stream_reply(model, processor, library, images, settings))
@@ -140,7 +140,7 @@ def test_max_tokens_stop_and_seed(client, loaded):
     assert stop and cut.message.content == full[: full.index(stop)] and cut.finish_reason == "stop"
 
     sampled = [client.chat.completions.create(temperature=1.5, top_p=0.95, seed=seed, max_tokens=10, **base)
-               for seed in (7, 7, 8)]  # fmt: skip
+               for seed in (7, 7, 8)]
     texts = [s.choices[0].message.content for s in sampled]
     assert texts[0] == texts[1], "the same seed must give the same sample"
 
@@ -159,7 +159,7 @@ def test_four_stop_strings_of_240k_characters_get_a_400(client):
     long_stops = ["x" * 240_000, "y" * 240_000, "z" * 240_000, "w" * 240_000]
     with pytest.raises(openai.BadRequestError, match=f"at most {MAX_STOP_CHARS} characters") as refused:
         client.chat.completions.create(model=NAME, messages=[user_turn("Describe it.", png_bytes())], max_tokens=2,
-                                       stop=long_stops)  # fmt: skip
+                                       stop=long_stops)
     assert refused.value.param == "stop[0]"
     reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert reply.usage.completion_tokens <= 2
@@ -186,7 +186,7 @@ def test_every_response_is_a_valid_openai_type(server):
 
 def test_32_concurrent_requests_equal_sequential_greedy_answers(client):
     prompts = [user_turn(f"Question {i}: what is shown?", png_bytes(colour=(30 * i, 90, 200 - 20 * i)))
-               for i in range(8)]  # fmt: skip
+               for i in range(8)]
 
     def ask(turn):
         reply = client.chat.completions.create(model=NAME, messages=[turn], temperature=0, max_tokens=8)
@@ -274,7 +274,7 @@ def malformed_requests() -> list[tuple[str, dict, int]]:
         ("unknown route", {"method": "POST", "url": "/v1/completion", "headers": auth, "json": {}}, 404),
         ("wrong method", {"method": "GET", "url": "/v1/chat/completions", "headers": auth}, 405),
         ("embeddings input a number", {"method": "POST", "url": "/v1/embeddings", "headers": auth,
-                                       "json": {"model": NAME, "input": 3}}, 400),  # fmt: skip
+                                       "json": {"model": NAME, "input": 3}}, 400),
     ]
 
 
@@ -287,10 +287,10 @@ def test_200_malformed_requests_get_4xx_json_errors_and_the_server_keeps_serving
             error = response.json()["error"]
             assert isinstance(error["message"], str) and error["message"] and "type" in error, what
         oversize = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}",
-                             "Content-Type": "application/json"}, content=b" " * (33 * 2**20))  # fmt: skip
+                             "Content-Type": "application/json"}, content=b" " * (33 * 2**20))
         assert oversize.status_code == 413 and oversize.json()["error"]["code"] == "request_too_large"
     reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], temperature=0,
-                                           max_tokens=4)  # fmt: skip
+                                           max_tokens=4)
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
@@ -308,7 +308,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, client, lo
     try:
         with httpx.Client(base_url=server, timeout=60) as http:
             with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True},
-                             headers={"Authorization": f"Bearer {KEY}"}) as response:  # fmt: skip
+                             headers={"Authorization": f"Bearer {KEY}"}) as response:
                 lines = (line for line in response.iter_lines() if line.startswith("data: {"))
                 chunks = (json.loads(line.removeprefix("data: ")) for line in lines)
                 next(c for c in chunks if c["choices"][0]["delta"].get("content"))  # generation is under way

@@ -114,7 +114,7 @@ def test_an_eps_image_is_refused_without_starting_a_program(http, monkeypatch):
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x", "application/jsonp"])  # fmt: skip
+                                          "multipart/form-data; boundary=x", "application/jsonp"])
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/embeddings"])
 def test_a_body_not_sent_as_json_gets_415(http, content_type, route):
     # What a web page can send another origin without a CORS preflight: a form or text/plain.
@@ -136,7 +136,7 @@ def test_a_declared_oversize_body_gets_413_before_it_is_sent(server):
     # Headers only: a server that waited for the body would never answer.
     url = urlsplit(server)
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n")  # fmt: skip
+            f"Content-Type: application/json\r\nContent-Length: {MAX_BODY_BYTES + 1}\r\n\r\n")
     with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
         sock.sendall(head.encode())
         status = sock.recv(4096).split(b"\r\n", 1)[0]
@@ -199,7 +199,7 @@ def test_an_image_beyond_the_aspect_ratio_limit_gets_400(http):
     Image.new("1", (4, 60_000)).save(buffer, "PNG")  # a few KB, under the pixel limit
     with rss_growth() as growth:
         response = http.post("/v1/chat/completions", json=chat([image_part(buffer.getvalue()),
-                                                                 {"type": "text", "text": "What?"}]))  # fmt: skip
+                                                                 {"type": "text", "text": "What?"}]))
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_image" and error["param"] == "messages[0].content[0]"

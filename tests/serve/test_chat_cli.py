@@ -27,7 +27,7 @@ class Terminal:
         self._stream = pyte.ByteStream(self.screen)
         env = os.environ | {"OMP_NUM_THREADS": "1", "TERM": "xterm"}
         self.child = pexpect.spawn(sys.executable, ["-m", "vlmkit", "chat", *args], cwd=str(cwd), env=env,
-                                   dimensions=(40, 120), timeout=120)  # fmt: skip
+                                   dimensions=(40, 120), timeout=120)
         self.transcript = ""
         self.wait()
 

@@ -33,7 +33,7 @@ from vlmkit.serve.web import launch  # noqa: E402
 
 CHROMIUM = os.environ.get("VLMKIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no Chromium browser: `make test` installs Debian's chromium "
-                                "package (apt-get install chromium); or point VLMKIT_CHROMIUM at one")  # fmt: skip
+                                "package (apt-get install chromium); or point VLMKIT_CHROMIUM at one")
 SCREENSHOT = Path(__file__).resolve().parents[2] / "runs" / "test-screenshots" / "web-chat.png"
 BOT = '#chat [data-testid="bot"]'
 
@@ -163,7 +163,7 @@ def test_chat_in_a_real_browser(page, loaded, tmp_path):
 
     page.locator("#clear").click()
     wait_for(lambda: page.locator(BOT).count() == 0 and page.locator('#chat [data-testid="user"]').count() == 0,
-             "an empty chat")  # fmt: skip
+             "an empty chat")
 
 
 def test_retrieval_tab_shows_the_top_pages_with_scores(page, search):

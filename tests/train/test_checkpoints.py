@@ -122,7 +122,7 @@ def test_resume_skips_incomplete_checkpoints_with_a_warning_naming_each(tmp_path
     assert last_checkpoint(tmp_path, log=warnings.append) == str(tmp_path / "checkpoint-10")
     assert len(warnings) == 3
     for warning, (step, problem) in zip(warnings, [(40, "no trainer_state.json"), (30, "trainer_state.json is "
-                                        "unreadable"), (20, "empty file(s): processor_config.json")]):  # fmt: skip
+                                        "unreadable"), (20, "empty file(s): processor_config.json")]):
         assert warning.startswith(f"warning: skipping the incomplete checkpoint {tmp_path / f'checkpoint-{step}'} ")
         assert problem in warning
 
@@ -140,7 +140,7 @@ def _train_args(data, out, *extra):
             "--max-steps", "8", "--set", f"model.vision_config={json.dumps(TEST_VISION)}",
             f"model.text_config={json.dumps(TEST_TEXT)}", "model.vocab_size=400", "model.vision=null",
             "model.lm=null", "model.image_size=null", "lora.enabled=false", "train.batch_size=2", "train.save_steps=1", "train.save_total_limit=2",
-            "train.warmup=0", "train.report_to=[]", "data.num_workers=0", *extra]  # fmt: skip
+            "train.warmup=0", "train.report_to=[]", "data.num_workers=0", *extra]
 
 
 @pytest.mark.slow

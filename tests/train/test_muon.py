@@ -65,7 +65,7 @@ def test_a_muon_run_resumed_from_its_checkpoint_ends_with_the_same_weights(synth
     ({"optimizer": "lion"}, "is not one of adamw, muon"),
     ({"optimizer": "muon", "fsdp": "full_shard"}, "needs whole weight matrices"),
     ({"optimizer": "muon", "deepspeed": "ds.json"}, "needs whole weight matrices"),
-])  # fmt: skip
+])
 def test_unknown_optimizers_and_muon_under_sharding_engines_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
         muon.check(TrainConfig(**settings))
@@ -85,7 +85,7 @@ def test_grouped_muon_steps_as_torchs_muon(nesterov):
     def trained(optimizer_class):
         params = [torch.nn.Parameter(tensor.clone()) for tensor in start]
         groups = [{"params": params[:5], "lr": 0.02}, {"params": params[5:], "lr": torch.tensor([0.01]),
-                                                       "weight_decay": 0.0}]  # fmt: skip
+                                                       "weight_decay": 0.0}]
         optimizer = optimizer_class(groups, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=muon.ADJUST_LR)
         for step_grads in grads:
             for param, grad in zip(params, step_grads):

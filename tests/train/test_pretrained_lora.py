@@ -40,7 +40,7 @@ def _train(synth_dir, out, save: str, monkeypatch):
     monkeypatch.setattr(run_module, "VLMTrainer", Remembering)
     cfg = load_config("default", ["model.image_size=56", "train.max_steps=2", "train.batch_size=2",
                                   "train.report_to=[]", "train.bf16=false", "train.logging_steps=1",
-                                  "train.save_steps=1000", "train.warmup=0", f"lora.save={save}"])  # fmt: skip
+                                  "train.save_steps=1000", "train.warmup=0", f"lora.save={save}"])
     cfg.data.train, cfg.train.output_dir = str(synth_dir / "train.jsonl"), str(out)
     saved = run_module.run(cfg, log=lambda *args: None)
     (trainer,) = seen

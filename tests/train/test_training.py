@@ -250,7 +250,7 @@ def test_a_learning_rate_override_in_plain_exponent_form_is_a_float():
 
 # A batch-norm tower (RegNet) would update its running statistics in training mode: frozen must mean unchanged.
 REGNET = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [16, 32], "depths": [1, 1], "groups_width": 8,
-          "layer_type": "y"}  # fmt: skip
+          "layer_type": "y"}
 
 
 @pytest.mark.parametrize("tower", ["clip", "regnet"])
@@ -293,7 +293,7 @@ def test_tokenizer_data_gives_a_later_stages_words_and_the_roles_their_own_token
 
     later = tmp_path / "later.jsonl"
     record = {"images": [], "conversations": [{"role": "user", "content": "zanzibarquux?"},
-                                              {"role": "assistant", "content": "zanzibarquux"}]}  # fmt: skip
+                                              {"role": "assistant", "content": "zanzibarquux"}]}
     later.write_text("".join(json.dumps({"id": f"q{i}", **record}) + "\n" for i in range(200)))
     records = read_records(synth_dir / "captions.jsonl")[0]
 

@@ -15,13 +15,13 @@ from vlmkit.train.run import run
 from vlmkit.train.vision_tags import HEAD_FILE, TAGS_FILE, TagDataset, TowerTagger, caption_words, tag_vocabulary
 
 TEST_REGNET = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [16, 32], "depths": [1, 1],
-               "groups_width": 8, "layer_type": "y"}  # fmt: skip
+               "groups_width": 8, "layer_type": "y"}
 
 
 def _config(synth_dir, out, *overrides):
     return load_config(None, ["train.stage=vision", "train.report_to=[]", "train.batch_size=4", "train.warmup=0",
                               f"data.train={synth_dir / 'captions.jsonl'}", f"train.output_dir={out}",
-                              "model.image_size=32", *overrides])  # fmt: skip
+                              "model.image_size=32", *overrides])
 
 
 def _tagger_loss(directory, synth_dir) -> float:
@@ -47,10 +47,10 @@ def _tagger_loss(directory, synth_dir) -> float:
 def test_tags_are_the_assistant_words_seen_often_enough():
     record = Record(id="a", images=["x.png"], conversations=[
         {"role": "user", "content": "<image>\nDescribe the square."},
-        {"role": "assistant", "content": "A red Square, top left."}])  # fmt: skip
+        {"role": "assistant", "content": "A red Square, top left."}])
     assert caption_words(record) == {"a", "red", "square", "top", "left"}
     other = Record(id="b", images=["y.png"], conversations=[
-        {"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "red circle"}])  # fmt: skip
+        {"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "red circle"}])
     vocabulary, positive_weight = tag_vocabulary([record, other, other, other])
     assert vocabulary == ["circle", "red"]  # "square" is in 1 caption of 4
     # Positives weigh as much as the negatives they are outnumbered by, and never less than one.
@@ -67,10 +67,10 @@ def test_vision_stage_learns_tags_and_composes_into_a_vlm(synth_dir, tmp_path):
     torch.manual_seed(0)
     untrained = tmp_path / "untrained"
     run(_config(synth_dir, untrained, "train.max_steps=1", "train.lr.vision=1e-9",
-                *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]))  # fmt: skip
+                *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]))
     trained = tmp_path / "trained"
     run(_config(synth_dir, trained, "train.max_steps=60", "train.lr.vision=3e-3",
-                *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]))  # fmt: skip
+                *[f"model.vision_config.{k}={json.dumps(v)}" for k, v in TEST_REGNET.items()]))
     assert _tagger_loss(trained, synth_dir) < 0.7 * _tagger_loss(untrained, synth_dir)
 
     # The saved tower is a transformers checkpoint: model.vision composes it with a from-scratch LM, unchanged.
@@ -87,7 +87,7 @@ def test_vision_stage_learns_tags_and_composes_into_a_vlm(synth_dir, tmp_path):
 def test_vision_stage_refuses_records_with_several_images(synth_dir, tmp_path):
     two = normalise({"id": "pair", "images": ["a.png", "b.png"], "conversations": [
         {"role": "user", "content": "<image><image>\nDescribe."}, {"role": "assistant", "content": "red"}]},
-        tmp_path, tmp_path / "c.jsonl", 7)  # fmt: skip
+        tmp_path, tmp_path / "c.jsonl", 7)
     with pytest.raises(DataError, match=r"c\.jsonl.*7|7.*c\.jsonl") as err:
         TagDataset([two], ["red"], None, 10**8)
     assert "one image per caption record" in str(err.value)
@@ -105,7 +105,7 @@ def test_a_missing_image_names_its_record_or_is_skipped_and_counted(synth_dir, t
 
     records, _ = read_records(synth_dir / "captions.jsonl")
     lost = normalise({"id": "lost", "images": ["nowhere.png"], "conversations": records[0].conversations},
-                     tmp_path, tmp_path / "lost.jsonl", 3)  # fmt: skip
+                     tmp_path, tmp_path / "lost.jsonl", 3)
     with pytest.raises(DataError, match=r"lost\.jsonl.*3.*image file not found|image file not found.*lost\.jsonl"):
         TagDataset([*records, lost], ["red"], None, 10**8)
     dataset = TagDataset([*records, lost], ["red"], None, 10**8, skip_bad=True)
@@ -117,7 +117,7 @@ def test_vision_stage_trains_a_vit_tower_too(synth_dir, tmp_path):
     out = tmp_path / "vit"
     run(_config(synth_dir, out, "train.max_steps=2"))  # the default tower: a tiny CLIP ViT
     built = build(ModelConfig(vision=str(out), text_config=dict(TEST_TEXT), vocab_size=400),
-                  training_texts=lambda: ["red circle"] * 40)  # fmt: skip
+                  training_texts=lambda: ["red circle"] * 40)
     assert built.model.config.vision_config.model_type == "clip_vision_model" and "vision" not in built.random_modules
     saved = json.loads((out / "preprocessor_config.json").read_text())
     assert saved["image_mean"] == list(built.processor.image_processor.image_mean)
@@ -162,4 +162,4 @@ def test_channel_shuffle_settings_are_checked(synth_dir, tmp_path):
         run(_config(synth_dir, tmp_path / "x", "data.channel_shuffle=1.5", "data.colour_words=[red]"))
     with pytest.raises(ConfigError, match="for train.stage=vision"):
         run(load_config(None, ["train.stage=sft", f"data.train={synth_dir / 'train.jsonl'}",
-                               "data.channel_shuffle=0.5"]))  # fmt: skip
+                               "data.channel_shuffle=0.5"]))

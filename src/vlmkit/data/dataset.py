@@ -56,7 +56,7 @@ class ConversationDataset(Dataset):
 
     def __init__(self, records: list[Record], processor: VLMProcessor, max_length: int, skip_bad: bool = False,
                  max_pixels: int | None = None, video: VideoSettings | None = None, blank_image_rate: float = 0.0,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0):
         if not 0.0 <= blank_image_rate <= 1.0:  # before the records are prepared, which takes a while
             raise ConfigError(f"data.blank_image_rate must be between 0 and 1, not {blank_image_rate}")
         self.processor, self.max_length, self.max_pixels = processor, max_length, max_pixels
@@ -126,7 +126,7 @@ class ConversationDataset(Dataset):
         n = len(encoded["input_ids"])
         if n > self.max_length:
             raise record.error(f"is {n} tokens long, over max_length {self.max_length}; raise data.max_length "
-                               "or shorten the record (vlmkit never truncates a sample)")  # fmt: skip
+                               "or shorten the record (vlmkit never truncates a sample)")
         if not (encoded["labels"] != IGNORE_INDEX).any():
             raise record.error("has no assistant tokens to learn from")
         return Example(record, encoded["input_ids"], encoded["labels"])

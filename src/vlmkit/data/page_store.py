@@ -132,7 +132,7 @@ class PageStoreWriter:
                 self.file.attrs.update({"format": FORMAT, "version": VERSION})
                 self.file.create_dataset("ids", (0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
                 self.file.create_dataset("images", (0,), maxshape=(None,), dtype=h5py.vlen_dtype(np.uint8),
-                                         chunks=(64,))  # fmt: skip
+                                         chunks=(64,))
                 self.file.create_dataset("meta", (0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
             self.known = {i.decode("utf-8") if isinstance(i, bytes) else i for i in self.file["ids"][:]}
         except BaseException:

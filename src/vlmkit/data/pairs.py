@@ -102,7 +102,7 @@ def build_batches(pairs: list[Pair], batch_size: int, hard_negatives: int = 0, s
         p = pairs[index]
         if len(p.neg) < hard_negatives:
             raise DataError(f"the pair on line {p.line} has {len(p.neg)} negatives, fewer than the "
-                            f"{hard_negatives} hard negatives asked for per query")  # fmt: skip
+                            f"{hard_negatives} hard negatives asked for per query")
         pos = rng.choice(p.pos)
         negs = rng.sample([n for n in p.neg if n not in p.pos], hard_negatives) if hard_negatives else []
         pages = {pos, *negs}
@@ -135,17 +135,17 @@ class PairBatches(Dataset):
     """
 
     def __init__(self, pairs: list[Pair], batch_size: int, world_size: int = 1, hard_negatives: int = 0,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0):
         self.pairs, self.batch_size, self.world_size = pairs, batch_size, world_size
         self.hard_negatives, self.seed = hard_negatives, seed
         self.set_epoch(0)
         if not self.batches:
             raise DataError(f"{len(pairs)} pairs do not make a single batch of {batch_size * world_size} distinct "
-                            "queries and pages; lower the batch size")  # fmt: skip
+                            "queries and pages; lower the batch size")
 
     def set_epoch(self, epoch: int) -> None:
         self.batches = build_batches(self.pairs, self.batch_size * self.world_size, self.hard_negatives,
-                                     self.seed + epoch)  # fmt: skip
+                                     self.seed + epoch)
 
     def __len__(self) -> int:
         return len(self.batches) * self.world_size
@@ -155,7 +155,7 @@ class PairBatches(Dataset):
         items = self.batches[batch][rank * self.batch_size:(rank + 1) * self.batch_size]
         # Positives first, then hard negatives: the layout the contrastive loss expects.
         return {"queries": [i.query for i in items],
-                "doc_ids": [i.pos for i in items] + [n for i in items for n in i.neg]}  # fmt: skip
+                "doc_ids": [i.pos for i in items] + [n for i in items for n in i.neg]}
 
 
 def split_by_document(pairs: list[Pair], test_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:

@@ -50,7 +50,7 @@ class Report:
         text = f"added {self.added} page(s), skipped {self.skipped} already stored, {len(self.failures)} failed"
         if self.downscaled:
             text += (f"; {len(self.downscaled)} scaled down below the dpi asked for, to fit the pixel limit "
-                     f"(the first: {self.downscaled[0]})")  # fmt: skip
+                     f"(the first: {self.downscaled[0]})")
         return text + "".join(f"\n  failed: {f}" for f in self.failures)
 
 
@@ -69,7 +69,7 @@ def find_files(inputs: list[str | Path], suffixes: tuple[str, ...]) -> list[tupl
 
 
 def page_scale(width_pt: float, height_pt: float, dpi: float, min_side: int,
-               max_pixels: int = MAX_PAGE_PIXELS) -> float:  # fmt: skip
+               max_pixels: int = MAX_PAGE_PIXELS) -> float:
     """Pixels per PDF point: dpi / 72, raised so that the shorter side gets at least `min_side` pixels,
     then lowered (if need be) so that the page has at most `max_pixels` pixels (0: no limit)."""
     scale = dpi / 72
@@ -103,7 +103,7 @@ def _render_pages(task: tuple) -> list[tuple[int, bytes | None, dict | str]]:
                 image.save(buffer, format="PNG")
                 open_image(buffer.getvalue(), decode=False)  # a page that could not be read back is not stored
                 meta = {"source": str(path), "page": number, "width": image.width, "height": image.height,
-                        "dpi": round(scale * 72, 2), "text": text}  # fmt: skip
+                        "dpi": round(scale * 72, 2), "text": text}
                 if scale < page_scale(width, height, dpi, min_side, max_pixels=0):
                     meta["downscaled"] = True
                 out.append((number, buffer.getvalue(), meta))
@@ -118,7 +118,7 @@ def _render_pages(task: tuple) -> list[tuple[int, bytes | None, dict | str]]:
 
 def render_to_store(inputs: list[str | Path], out: str | Path, dpi: float = 150, min_side: int = 0,
                     workers: int | None = None, progress: bool = True,
-                    max_pixels: int = MAX_PAGE_PIXELS) -> Report:  # fmt: skip
+                    max_pixels: int = MAX_PAGE_PIXELS) -> Report:
     """Render every page of the PDFs in `inputs` (files or folders) into the store `out`, each page
     at most `max_pixels` pixels (scaled down to fit: see the module's docstring)."""
     report = Report()
@@ -135,7 +135,7 @@ def render_to_store(inputs: list[str | Path], out: str | Path, dpi: float = 150,
             todo = [n for n in range(1, n_pages + 1) if f"{name}#{n}" not in store]
             report.skipped += n_pages - len(todo)
             tasks += [((path, todo[i:i + PAGES_PER_TASK], dpi, min_side, max_pixels), name)
-                      for i in range(0, len(todo), PAGES_PER_TASK)]  # fmt: skip
+                      for i in range(0, len(todo), PAGES_PER_TASK)]
         bar = tqdm(total=sum(len(t[0][1]) for t in tasks), desc="render", unit="page", disable=not progress)
         workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
         pool = ProcessPoolExecutor(workers) if workers > 1 else None

@@ -32,15 +32,15 @@ def normalise_preference(raw: dict, base_dir: Path, path: Path | str = "<memory>
     for key in REPLIES:
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise DataError(f"field {key!r} is missing or empty; a preference record needs 'chosen' and 'rejected' "
-                            "replies (strings) after its prompt turns", path, line, record_id)  # fmt: skip
+                            "replies (strings) after its prompt turns", path, line, record_id)
     turns = raw.get("conversations")
     if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict):
         raise DataError("field 'conversations' must be a non-empty list of prompt turns", path, line, record_id)
     if turns[-1].get("role", turns[-1].get("from")) not in ("user", "human"):
         raise DataError("the prompt ('conversations') must end with a user turn; the replies are 'chosen' and "
-                        "'rejected'", path, line, record_id)  # fmt: skip
+                        "'rejected'", path, line, record_id)
     return normalise({**raw, "conversations": [*turns, {"role": "assistant", "content": raw["chosen"]}]},
-                     base_dir, path, line)  # fmt: skip
+                     base_dir, path, line)
 
 
 def read_preferences(path: Path | str, skip_bad: bool = False) -> tuple[list[Record], list[DataError]]:
@@ -66,7 +66,7 @@ def make_preferences(records: list[Record], seed: int = 0) -> list[dict]:
             continue
         prompt = [t for t in record.conversations if t["role"] != "assistant"]
         out.append({"id": record.id, "images": record.images, "conversations": prompt, "chosen": chosen,
-                    "rejected": rng.choice(wrong), "category": record.category})  # fmt: skip
+                    "rejected": rng.choice(wrong), "category": record.category})
     return out
 
 

@@ -30,7 +30,7 @@ from vlmkit.errors import DataError
 from vlmkit.model.generation import generate_batch
 
 GENERATE_PROMPT = (f"{IMAGE_MARKER}\nWrite one search query that this page answers and that no other page "
-                   "would. Reply with the query only.")  # fmt: skip
+                   "would. Reply with the query only.")
 FILTER_PROMPT = """Does the search query identify one specific page on its own? Answer yes or no.
 Query: What was Acme's revenue in Q3 2021? Answer: yes
 Query: What is the date in the letter? Answer: no
@@ -50,7 +50,7 @@ def _read_done(path: Path) -> dict[str, dict]:
                     done[record["id"]] = record
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise DataError("not a query record; remove the line or the file to start over", path,
-                                    number) from None  # fmt: skip
+                                    number) from None
     return done
 
 
@@ -60,7 +60,7 @@ def _prompt(prompt_file: str | Path | None, default: str) -> str:
 
 @torch.no_grad()
 def generate_queries(model, processor, store: PageStore, out: str | Path, prompt_file: str | Path | None = None,
-                     batch_size: int = 8, max_new_tokens: int = 48, progress: bool = True):  # fmt: skip
+                     batch_size: int = 8, max_new_tokens: int = 48, progress: bool = True):
     """Append one generated query per page not yet in `out`; returns (written, empty replies)."""
     out, prompt = Path(out), _prompt(prompt_file, GENERATE_PROMPT)
     if IMAGE_MARKER not in prompt:
@@ -73,7 +73,7 @@ def generate_queries(model, processor, store: PageStore, out: str | Path, prompt
             doc_ids = todo[start:start + batch_size]
             images = [store.image(doc_id) for doc_id in doc_ids]
             rows = [processor.encode_text([{"role": "user", "content": prompt}], [plan], add_generation_prompt=True)
-                    ["input_ids"] for plan in processor.plans(images)]  # fmt: skip
+                    ["input_ids"] for plan in processor.plans(images)]
             for doc_id, text in zip(doc_ids, generate_batch(model, processor, rows, images, max_new_tokens)):
                 text = " ".join(text.split())
                 if not text:
@@ -87,7 +87,7 @@ def generate_queries(model, processor, store: PageStore, out: str | Path, prompt
 
 @torch.no_grad()
 def filter_queries(model, processor, queries: str | Path, out: str | Path, prompt_file: str | Path | None = None,
-                   batch_size: int = 16, threshold: float = 0.5, progress: bool = True) -> tuple[int, int]:  # fmt: skip
+                   batch_size: int = 16, threshold: float = 0.5, progress: bool = True) -> tuple[int, int]:
     """Append a keep/drop decision for every query not yet in `out`; returns (kept, dropped) this run."""
     out, template = Path(out), _prompt(prompt_file, FILTER_PROMPT)
     if "{query}" not in template:
@@ -101,7 +101,7 @@ def filter_queries(model, processor, queries: str | Path, out: str | Path, promp
         for start in tqdm(range(0, len(records), batch_size), desc="filter", unit="batch", disable=not progress):
             batch = records[start:start + batch_size]
             rows = [processor.encode_text([{"role": "user", "content": template.replace("{query}", r["text"])}], [],
-                                          add_generation_prompt=True)["input_ids"] for r in batch]  # fmt: skip
+                                          add_generation_prompt=True)["input_ids"] for r in batch]
             # Right padding keeps every row's positions exact; the answer is read at its own last token.
             ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
             mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
@@ -133,7 +133,7 @@ def _spans(text: str, words: tuple[int, int], rng: random.Random) -> list[list[s
 
 
 def text_layer_queries(store: PageStore, out: str | Path, per_page: int = 2, words: tuple[int, int] = (5, 10),
-                       seed: int = 0) -> tuple[int, int]:  # fmt: skip
+                       seed: int = 0) -> tuple[int, int]:
     """Up to `per_page` queries per page, each a run of consecutive words from its text layer.
 
     Spans come from within one line (lines keep headings and sentences whole), drawn with a
@@ -178,7 +178,7 @@ def make_pairs(queries: str | Path, out_dir: str | Path, test_fraction: float = 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_pairs(train, out_dir / "train_pairs.jsonl")
     with (out_dir / "test_queries.jsonl").open("w", encoding="utf-8") as qs, \
-            (out_dir / "test_qrels.tsv").open("w", encoding="utf-8") as qrels:  # fmt: skip
+            (out_dir / "test_qrels.tsv").open("w", encoding="utf-8") as qrels:
         qrels.write("query-id\tcorpus-id\tscore\n")
         for i, pair in enumerate(test):
             qs.write(json.dumps({"id": f"t{i:06d}", "text": pair.query}) + "\n")

@@ -122,14 +122,14 @@ def normalise(raw: dict, base_dir: Path, path: Path | str = "<memory>", line: in
         first_user["content"] = VIDEO_MARKER + "\n" + first_user["content"]
     elif video_markers != (1 if video else 0):
         fail(f"has {video_markers} {VIDEO_MARKER} marker(s) but {1 if video else 0} video(s); a record "
-             f"with a 'video' field needs exactly one {VIDEO_MARKER} marker, one without needs none")  # fmt: skip
+             f"with a 'video' field needs exactly one {VIDEO_MARKER} marker, one without needs none")
 
     category = raw.get("category")
     if category is not None and not isinstance(category, str):
         fail("field 'category' must be a string")
     if not all(_is_unicode(text) for text in [*given, category or "", *(t["content"] for t in conversations)]):
         fail("holds a lone surrogate escape (\\ud800-\\udfff), which is not text in any encoding; "
-             "fix the tool that wrote the file")  # fmt: skip
+             "fix the tool that wrote the file")
     known = {"id", "images", "image", "video", "conversations", "category"}
     extra = {k: v for k, v in raw.items() if k not in known}
     return Record(str(record_id), images, conversations, category, str(path), line, extra, video)
@@ -167,7 +167,7 @@ def parse_json_line(data: bytes):
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"not UTF-8 (byte 0x{data[err.start]:02x} at column {err.start + 1}); "
-                        "save the file as UTF-8") from None  # fmt: skip
+                        "save the file as UTF-8") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -179,7 +179,7 @@ def parse_json_line(data: bytes):
 
 
 def read_records(path: Path | str, skip_bad: bool = False, parse=None,
-                 kind: str = "records") -> tuple[list[Record], list[DataError]]:  # fmt: skip
+                 kind: str = "records") -> tuple[list[Record], list[DataError]]:
     """Read and check every record of a JSONL file.
 
     Raises the first DataError unless `skip_bad`, in which case bad lines are left out and
@@ -218,7 +218,7 @@ def read_record_files(paths: str | list[str], skip_bad: bool = False, reader=rea
 
 
 def prepare_all(items: list, prepare, skip_bad: bool,
-                skipped: list[DataError] | None = None) -> tuple[list, list[DataError]]:  # fmt: skip
+                skipped: list[DataError] | None = None) -> tuple[list, list[DataError]]:
     """`prepare(item)` for each item (a record, or a record with what was made of it so far): the
     results, and the errors of the items skipped (with `skip_bad`; otherwise the first error is
     raised), added to `skipped` when an earlier pass gives its own. Raises if none is left."""

@@ -31,7 +31,7 @@ WORDS = (
     "art", "bag", "cow", "day", "eye", "fig", "gum", "hen", "ink", "jet", "lab", "mud", "nut", "oak", "pot",
     "ram", "sea", "tea", "urn", "wax", "yak", "zip", "moon", "star", "tree", "fish", "bird", "door", "lamp", "milk",
     "ship", "rain", "snow", "wind", "rock", "leaf", "rose", "king", "gold", "ring",
-)  # fmt: skip
+)
 SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges without a dependency
 
 
@@ -138,8 +138,8 @@ def fact_list(scene: Scene, rng: random.Random) -> str:
         return f"text {scene.word} {scene.word_colour}."
     by_cell = {o.cell: o for o in scene.objects}
     facts = [f"{name}: {by_cell[cell].shape} {by_cell[cell].colour} {by_cell[cell].size}." if cell in by_cell
-             else f"{name}: empty." for cell, name in enumerate(CELLS)]  # fmt: skip
+             else f"{name}: empty." for cell, name in enumerate(CELLS)]
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     facts.append(f"{PLURALS[shape]} {scene.count(shape=shape)}. {colour} {scene.count(colour=colour)}. "
-                 f"total {len(scene.objects)}.")  # fmt: skip
+                 f"total {len(scene.objects)}.")
     return " ".join(facts)

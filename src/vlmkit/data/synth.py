@@ -33,7 +33,7 @@ CATEGORIES = ("colour", "shape", "count", "position", "size", "existence", "text
 HELD_OUT_PAIRS = frozenset(
     {("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square"), ("purple", "diamond"),
      ("orange", "circle")}
-)  # fmt: skip
+)
 ALL_PAIRS = frozenset((c, s) for c in COLOURS for s in SHAPES)
 TRAIN_PAIRS = ALL_PAIRS - HELD_OUT_PAIRS
 FACTS_PROMPT = "List the objects."
@@ -216,7 +216,7 @@ def compare_questions(maker: _Maker, first: Scene, second: Scene, asked: str) ->
 def _existence_question(maker: _Maker, scene: Scene) -> QA:
     present = {(o.colour, o.shape) for o in scene.objects}
     near = [(c, s) for c, s in sorted(TRAIN_PAIRS - present)
-            if any((c == pc) != (s == ps) for pc, ps in present)]  # fmt: skip
+            if any((c == pc) != (s == ps) for pc, ps in present)]
     c, s = maker.pick(sorted(present)) if maker.rng.random() < 0.5 or not near else maker.pick(near)
     return QA("existence", maker.ask("existence", colour=c, shape=s), "yes" if (c, s) in present else "no")
 
@@ -234,7 +234,7 @@ def make_record(seed: int, split: str, index: int, turns: int = 1) -> tuple[dict
         scenes = [_caption_scene(maker)]
         # Half prose, half fact lists; never both in one record, or the second would be copied from the first.
         prompt, text = ((FACTS_PROMPT, fact_list(scenes[0], rng)) if rng.random() < 0.5
-                        else (maker.pick(CAPTION_PROMPTS), caption(scenes[0])))  # fmt: skip
+                        else (maker.pick(CAPTION_PROMPTS), caption(scenes[0])))
         conversations = [{"role": "user", "content": "<image>\n" + prompt}, {"role": "assistant", "content": text}]
         category = "caption"
     else:
@@ -263,7 +263,7 @@ def make_record(seed: int, split: str, index: int, turns: int = 1) -> tuple[dict
             conversations.append({"role": "user", "content": (markers if i == 0 else "") + q.question})
             conversations.append({"role": "assistant", "content": q.answer})
     record = {"id": f"{split}-{index:06d}", "images": _image_refs(scenes, split, index),
-              "conversations": conversations, "category": category}  # fmt: skip
+              "conversations": conversations, "category": category}
     return record, scenes
 
 
@@ -325,8 +325,8 @@ def synth(out_dir: Path, seed: int = 0, sizes: dict | None = None, turns: int = 
     for split, n in sizes.items():
         if n > 0:
             paths[split] = write_split(out_dir, split, n, seed, turns if split == "train" else 1, image_size,
-                                       workers, progress)  # fmt: skip
+                                       workers, progress)
     info = {"version": DATA_VERSION, "seed": seed, "image_size": image_size, "turns": turns, "sizes": sizes,
-            "categories": CATEGORIES, "held_out_pairs": sorted(HELD_OUT_PAIRS)}  # fmt: skip
+            "categories": CATEGORIES, "held_out_pairs": sorted(HELD_OUT_PAIRS)}
     (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     return paths

@@ -105,7 +105,7 @@ def _write_split(out: Path, split: str, keys: list[tuple], seed: int, size: int)
 
 
 def synth_docs(out: str | Path, n_train: int = len(ALL_KEYS), n_test: int = 200, queries_per_page: int = 3,
-               seed: int = 0, size: int = 64) -> dict[str, Path]:  # fmt: skip
+               seed: int = 0, size: int = 64) -> dict[str, Path]:
     """Write the built-in retrieval data set; returns name -> path of what was written."""
     if max(n_train, n_test) > len(ALL_KEYS):
         raise ValueError(f"at most {len(ALL_KEYS)} pages per split (one per combination)")
@@ -124,7 +124,7 @@ def synth_docs(out: str | Path, n_train: int = len(ALL_KEYS), n_test: int = 200,
     rng.shuffle(pairs)
     write_pairs(pairs, out / "train_pairs.jsonl")
     with (out / "test_queries.jsonl").open("w", encoding="utf-8") as queries, \
-            (out / "test_qrels.tsv").open("w", encoding="utf-8") as qrels:  # fmt: skip
+            (out / "test_qrels.tsv").open("w", encoding="utf-8") as qrels:
         qrels.write("query-id\tcorpus-id\tscore\n")
         for i, (doc_id, key) in enumerate(zip(test_ids, test_keys)):
             queries.write(json.dumps({"id": f"q{i:05d}", "text": query(key, rng)}) + "\n")

@@ -58,7 +58,7 @@ PATTERNS = tuple(_PATTERNS)
 SLICE_GRIDS = (2, 3, 4)
 SUPERSAMPLE = 2  # enough for clean 2.5 px stripes, and 4x cheaper than scenes' 4
 QUESTIONS = ("What pattern does the {colour} object have?", "Which pattern is on the {colour} object?",
-             "How is the {colour} object patterned?")  # fmt: skip
+             "How is the {colour} object patterned?")
 DEFAULT_SIZES = {"train": 8000, "val": 200, "test": 800}
 
 
@@ -98,7 +98,7 @@ def _place(rng: random.Random, image_size: int, diameter: float, taken: list[Sma
 
 
 def make_scene(rng: random.Random, answer: str, image_size: int = 256, max_objects: int = 3,
-               object_size: tuple[float, float] = OBJECT_SIZE) -> HighresScene:  # fmt: skip
+               object_size: tuple[float, float] = OBJECT_SIZE) -> HighresScene:
     """A scene whose first object has pattern `answer`; the others (up to `max_objects` in all) differ in colour.
 
     `object_size` is the diameter range in pixels of a 256 px image; larger objects carry more
@@ -145,12 +145,12 @@ def render(scene: HighresScene, clutter: int = 4) -> Image.Image:
     for obj in scene.objects:
         phase = (rng.uniform(0, 2), rng.uniform(0, 2))  # in half-periods
         _draw_object(image, obj, scene.image_size / 256, _jitter(rng, COLOURS[obj.colour], 12),
-                     _jitter(rng, (252, 252, 252), 3), phase)  # fmt: skip
+                     _jitter(rng, (252, 252, 252), 3), phase)
     return image.resize((scene.image_size, scene.image_size), Image.LANCZOS)
 
 
 def make_record(seed: int, split: str, index: int, image_size: int = 256, max_objects: int = 3,
-                object_size: tuple[float, float] = OBJECT_SIZE) -> tuple[dict, HighresScene]:  # fmt: skip
+                object_size: tuple[float, float] = OBJECT_SIZE) -> tuple[dict, HighresScene]:
     """Record `index` of `split`, a pure function of its arguments."""
     rng = random.Random(f"highres-{seed}-{split}-{index}")
     scene = make_scene(rng, PATTERNS[index % len(PATTERNS)], image_size, max_objects, object_size)
@@ -158,7 +158,7 @@ def make_record(seed: int, split: str, index: int, image_size: int = 256, max_ob
     record = {"id": f"{split}-{index:06d}", "images": [f"images/{split}/{index:06d}-0.png"],
               "conversations": [{"role": "user", "content": "<image>\n" + question},
                                 {"role": "assistant", "content": scene.objects[0].pattern}],
-              "category": "pattern"}  # fmt: skip
+              "category": "pattern"}
     return record, scene
 
 
@@ -174,7 +174,7 @@ def _write_chunk(args) -> list[dict]:
 
 def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image_size: int = 256,
                   workers: int | None = None, max_objects: int = 3,
-                  object_size: tuple[float, float] = OBJECT_SIZE) -> dict[str, Path]:  # fmt: skip
+                  object_size: tuple[float, float] = OBJECT_SIZE) -> dict[str, Path]:
     """Write every split (train, val, test by default); returns split name -> JSONL path.
 
     `max_objects=1` leaves one object per scene: the question then needs no colour-to-object
@@ -186,7 +186,7 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
         raise ConfigError(f"object_size {object_size} must be a (min, max) range within 4 to 48 px (of 256)")
     if image_size < 128:
         raise ConfigError(f"image_size {image_size} is too small for the high-resolution task; use 128 or more "
-                          "(256, the default, is four times the 64 px view)")  # fmt: skip
+                          "(256, the default, is four times the 64 px view)")
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     out_dir = Path(out_dir)
     paths = {}
@@ -195,7 +195,7 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
             continue
         (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
         jobs = [(out_dir, seed, split, s, min(s + 256, n), image_size, max_objects, tuple(object_size))
-                for s in range(0, n, 256)]  # fmt: skip
+                for s in range(0, n, 256)]
         n_workers = min(len(jobs), workers or os.cpu_count() or 1)
         path, tmp = out_dir / f"{split}.jsonl", out_dir / f"{split}.jsonl.tmp"
         with tmp.open("w", encoding="utf-8") as handle:
@@ -213,7 +213,7 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
     info = {"task": "highres", "seed": seed, "image_size": image_size, "max_objects": max_objects,
             "object_size": list(object_size),
             "sizes": sizes, "answers": PATTERNS,
-            "slice_grids": SLICE_GRIDS, "majority_baseline": baseline}  # fmt: skip
+            "slice_grids": SLICE_GRIDS, "majority_baseline": baseline}
     (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     return paths
 
@@ -224,19 +224,19 @@ def add_command(data_commands) -> None:
     def run(args) -> None:
         sizes = {split: getattr(args, split) for split in DEFAULT_SIZES if getattr(args, split) is not None}
         paths = synth_highres(Path(args.out), args.seed, sizes, args.image_size, args.workers, args.max_objects,
-                              tuple(args.object_size))  # fmt: skip
+                              tuple(args.object_size))
         for split, path in paths.items():
             print(f"{split}: {path}")
 
     command = data_commands.add_parser("synth-highres", help="write the built-in high-resolution task (fine "
-                                       "patterns a 64 px view cannot resolve; measures image slicing)")  # fmt: skip
+                                       "patterns a 64 px view cannot resolve; measures image slicing)")
     command.add_argument("--out", default="data/synth-highres", help="output folder (default: data/synth-highres)")
     command.add_argument("--seed", type=int, default=0)
     for split, n in DEFAULT_SIZES.items():
         command.add_argument(f"--{split}", type=int, help=f"number of {split} records (default: {n})")
     command.add_argument("--image-size", type=int, default=256)
     command.add_argument("--max-objects", type=int, default=3, help="objects per scene (default: 3; 1 needs no "
-                         "colour-to-object binding)")  # fmt: skip
+                         "colour-to-object binding)")
     command.add_argument("--object-size", type=float, nargs=2, default=list(OBJECT_SIZE), metavar=("MIN", "MAX"),
                          help="object diameters in px of a 256 px image (default: 14 20)")
     command.add_argument("--workers", type=int, help="processes (default: one per core)")

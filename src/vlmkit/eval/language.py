@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 TEXT_QUESTIONS = ("What is the capital of France?", "Name three colours of the rainbow.",
-                  "Write one sentence about the sea.")  # fmt: skip
+                  "Write one sentence about the sea.")
 
 
 def heldout_paragraphs() -> list[str]:

@@ -100,13 +100,13 @@ def _embed(model: VLMRetriever, inputs: dict) -> torch.Tensor:
 @torch.no_grad()
 def encode_queries(model: VLMRetriever, processor: VLMProcessor, texts: list[str], batch_size: int = 64):
     out = [_embed(model, encode_inputs(processor, model.config, queries=texts[s:s + batch_size]))
-           for s in range(0, len(texts), batch_size)]  # fmt: skip
+           for s in range(0, len(texts), batch_size)]
     return concat(out)
 
 
 @torch.no_grad()
 def encode_pages(model: VLMRetriever, processor: VLMProcessor, store: PageStore, batch_size: int = 32,
-                 rank: int = 0, world_size: int = 1, progress: bool = True):  # fmt: skip
+                 rank: int = 0, world_size: int = 1, progress: bool = True):
     """This process's share of the store: whole fixed batches, rank r taking batches r, r + world, ..."""
     ids = store.ids
     starts = list(range(0, len(ids), batch_size))[rank::world_size]
@@ -125,7 +125,7 @@ def merge_shares(shares: list[tuple[list[str], torch.Tensor]], batch_size: int) 
     """The store-order index from each rank's `encode_pages` share (batch b came from rank b mod world)."""
     world = len(shares)
     batches = [[(ids[s:s + batch_size], emb[s:s + batch_size]) for s in range(0, len(ids), batch_size)]
-               for ids, emb in shares]  # fmt: skip
+               for ids, emb in shares]
     ordered = [batches[b % world][b // world] for b in range(sum(len(x) for x in batches))]
     return [i for chunk, _ in ordered for i in chunk], concat([e for _, e in ordered])
 
@@ -182,7 +182,7 @@ def metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict
 
 
 def write_run(path: str | Path, qids: list[str], ids: list[str], scores: torch.Tensor, indices: torch.Tensor,
-              tag: str = "vlmkit") -> None:  # fmt: skip
+              tag: str = "vlmkit") -> None:
     """A TREC run file: `qid Q0 docid rank score tag`, one line per retrieved page (pytrec_eval reads
     these but cannot write them)."""
     with Path(path).open("w", encoding="utf-8") as handle:
@@ -193,7 +193,7 @@ def write_run(path: str | Path, qids: list[str], ids: list[str], scores: torch.T
 
 def evaluate(model_dir: str | Path, docs: str | Path, queries_path: str | Path, qrels_path: str | Path,
              output: str | Path | None = None, batch_size: int = 32, index: str | Path | None = None,
-             progress: bool = True) -> dict:  # fmt: skip
+             progress: bool = True) -> dict:
     """Encode the store (or load `index`), search every query, score against the qrels; rank 0 writes
     `output` (metrics JSON) and a TREC run file beside it."""
     queries, qrels = read_queries(queries_path), read_qrels(qrels_path)

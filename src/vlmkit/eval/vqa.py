@@ -67,7 +67,7 @@ def questions_of(records: list[Record], processor: VLMProcessor) -> list[Questio
 
 @torch.no_grad()
 def answer_questions(model, processor: VLMProcessor, questions: list[Question], blind: bool = False,
-                     batch_size: int = 32, max_new_tokens: int = 16, progress: bool = True) -> list[str]:  # fmt: skip
+                     batch_size: int = 32, max_new_tokens: int = 16, progress: bool = True) -> list[str]:
     """Greedy answers, batched by similar prompt length (fewer pad tokens per batch)."""
     order = sorted(range(len(questions)), key=lambda i: len(questions[i].prompt["input_ids"]))
     answers: list[str] = [""] * len(questions)
@@ -93,7 +93,7 @@ def score(questions: list[Question], predictions: list[str]) -> tuple[dict, list
         answers_by_category[category][normalise_answer(q.answer)] += 1
         question_text = q.record.conversations[q.turn - 1]["content"].replace("<image>", "").strip()
         rows.append({"id": q.record.id, "turn": q.turn, "category": category, "question": question_text,
-                     "answer": q.answer, "prediction": prediction, "correct": correct})  # fmt: skip
+                     "answer": q.answer, "prediction": prediction, "correct": correct})
     n = len(questions)
     majority = sum(c.most_common(1)[0][1] for c in answers_by_category.values()) / n if n else 0.0
     metrics = {
@@ -106,7 +106,7 @@ def score(questions: list[Question], predictions: list[str]) -> tuple[dict, list
 
 
 def evaluate(model, processor: VLMProcessor, records: list[Record], blind: bool = False, batch_size: int = 32,
-             max_new_tokens: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:  # fmt: skip
+             max_new_tokens: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:
     questions = questions_of(records, processor)
     predictions = answer_questions(model, processor, questions, blind, batch_size, max_new_tokens, progress)
     metrics, rows = score(questions, predictions)
@@ -120,7 +120,7 @@ def write_results(metrics: dict, rows: list[dict], metrics_path: Path) -> Path:
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     predictions_path = metrics_path.with_suffix(".predictions.jsonl")
     for path, text in ((predictions_path, "".join(json.dumps(r) + "\n" for r in rows)),
-                       (metrics_path, json.dumps(metrics, indent=2) + "\n")):  # fmt: skip
+                       (metrics_path, json.dumps(metrics, indent=2) + "\n")):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)

@@ -59,7 +59,7 @@ def check_exportable(model: VLMForConditionalGeneration, processor: VLMProcessor
     kind = cfg.vision_config.model_type
     if vision.is_cnn(cfg.vision_config):
         raise ConfigError(f"cannot export: the {kind} vision tower is convolutional; LLaVA selects tokens from a "
-                          "vision transformer's hidden states")  # fmt: skip
+                          "vision transformer's hidden states")
     if kind == "siglip2_vision_model":
         raise ConfigError(f"cannot export: LLaVA feeds plain pixel crops to its tower, which {kind} does not take")
     if vision.vit_prefix_tokens(cfg.vision_config) > 1 and cfg.vision_feature_select_strategy == "default":
@@ -68,23 +68,23 @@ def check_exportable(model: VLMForConditionalGeneration, processor: VLMProcessor
                           "drops only the first (retrain with model.vision_feature_select_strategy=full)")
     if cfg.projector_type not in ("mlp", "linear"):
         raise ConfigError(f"cannot export: the {cfg.projector_type!r} projector has no LLaVA equivalent "
-                          "(only 'mlp' and 'linear' do)")  # fmt: skip
+                          "(only 'mlp' and 'linear' do)")
     if args.get("pos_embed"):
         raise ConfigError("cannot export: the projector adds learned position embeddings (pos_embed), "
-                          "which LLaVA's projector does not have")  # fmt: skip
+                          "which LLaVA's projector does not have")
     if args.get("layernorm"):
         raise ConfigError("cannot export: the projector starts with a LayerNorm, which LLaVA's projector does not have")
     hidden = args.get("hidden_size", cfg.text_config.hidden_size)
     if cfg.projector_type == "mlp" and hidden != cfg.text_config.hidden_size:
         raise ConfigError(f"cannot export: the MLP projector's hidden size {hidden} differs from the LM's "
-                          f"{cfg.text_config.hidden_size}; LLaVA's projector uses the LM's")  # fmt: skip
+                          f"{cfg.text_config.hidden_size}; LLaVA's projector uses the LM's")
     if type(processor.image_processor) is not VLMImageProcessor or processor.image_processor.slicing:
         raise ConfigError("cannot export: the image processor slices images into several crops; LLaVA takes "
-                          "one crop per image (retrain with model.slicing=null)")  # fmt: skip
+                          "one crop per image (retrain with model.slicing=null)")
     for name in LOGIT_SETTINGS:
         if getattr(cfg.text_config, name, None) not in (None, 1, 1.0):
             raise ConfigError(f"cannot export: the LM's {name} is applied after its output layer, which LLaVA's "
-                              "lm_head would skip")  # fmt: skip
+                              "lm_head would skip")
     if getattr(model.language_model.get_output_embeddings(), "bias", None) is not None:
         raise ConfigError("cannot export: the LM's output layer has a bias; LLaVA's lm_head has none")
 
@@ -99,7 +99,7 @@ def llava_config(model: VLMForConditionalGeneration) -> LlavaConfig:
         vision_feature_select_strategy=cfg.vision_feature_select_strategy if has_cls else "full",
         vision_feature_layer=cfg.vision_feature_layer, multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(cfg.text_config, "tie_word_embeddings", False)),
-    )  # fmt: skip
+    )
 
 
 @torch.no_grad()
@@ -128,19 +128,19 @@ def llava_processor(processor: VLMProcessor, model: VLMForConditionalGeneration)
     resample = PILImageResampling(int(RESAMPLE[ip.resample]))  # both use PIL's numbering
     if ip.resize_mode == "crop":
         LOG.warning("image_resize_mode 'crop': LLaVA resizes the short side and then crops, vlmkit crops and then "
-                    "resizes; pixels at the crop edges will differ slightly")  # fmt: skip
+                    "resizes; pixels at the crop edges will differ slightly")
     image_processor = LlavaImageProcessorPil(
         do_pad=ip.resize_mode == "pad", do_center_crop=ip.resize_mode == "crop", crop_size=side,
         size={"shortest_edge": ip.size} if ip.resize_mode == "crop" else side, resample=resample,
         image_mean=ip.image_mean, image_std=ip.image_std, do_convert_rgb=True,
-    )  # fmt: skip
+    )
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=processor.tokenizer,
         chat_template=FLATTEN_CONTENT + processor.chat_template,
         patch_size=vision.stride(cfg.vision_config), image_token="<image>",
         vision_feature_select_strategy=llava_config(model).vision_feature_select_strategy,
         num_additional_image_tokens=vision.vit_prefix_tokens(cfg.vision_config),
-    )  # fmt: skip
+    )
 
 
 def export_llava(model_dir: str | Path, out_dir: str | Path) -> Path:

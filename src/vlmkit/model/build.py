@@ -45,7 +45,7 @@ def _local_dir(path: str, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ConfigError(f"model.{what} = {path!r} is not a local checkpoint directory with a config.json "
-                          "(vlmkit never downloads weights; point it at a saved checkpoint)")  # fmt: skip
+                          "(vlmkit never downloads weights; point it at a saved checkpoint)")
     return p
 
 
@@ -109,7 +109,7 @@ def tower_image_processor(cfg: ModelConfig, config, multiple: int | None = None)
     # ViT towers interpolate their position embeddings for a crop_size other than their own (MiniCPM-V's 448).
     return VLMImageProcessor(size=cfg.crop_size or vision.input_size(config), image_mean=mean, image_std=std,
                              resize_mode=cfg.image_resize_mode, slicing=cfg.slicing, max_slices=cfg.max_slices,
-                             multiple=multiple or vision.stride(vision_config))  # fmt: skip
+                             multiple=multiple or vision.stride(vision_config))
 
 
 def build_vision_tower(cfg: ModelConfig) -> tuple[torch.nn.Module, bool]:
@@ -155,7 +155,7 @@ def _projector_args(cfg: ModelConfig) -> tuple[dict, dict | None]:
     if not files or not all(path.is_file() for path in files):
         raise ConfigError(f"the tag_groups projector needs model.vision to be a tower from the vision stage "
                           f"(train.stage: vision), with its {tag_groups.HEAD_FILE} and {tag_groups.TAGS_FILE}; "
-                          f"got {cfg.vision!r}")  # fmt: skip
+                          f"got {cfg.vision!r}")
     if "tags" in cfg.projector_args:
         raise ConfigError(f"projector_args.tags is filled in from the tower's {tag_groups.TAGS_FILE}; leave it out")
     head_path, tags_path = files
@@ -165,7 +165,7 @@ def _projector_args(cfg: ModelConfig) -> tuple[dict, dict | None]:
         # The head scores the features it was trained on; other ones would give scores that mean nothing.
         if key in trained_on and trained_on[key] != str(getattr(cfg, key)):
             raise ConfigError(f"{head_path} scores the tower's {key} {trained_on[key]}, but model.{key} is "
-                              f"{getattr(cfg, key)}; set model.{key}={trained_on[key]}")  # fmt: skip
+                              f"{getattr(cfg, key)}; set model.{key}={trained_on[key]}")
     args = {**cfg.projector_args, "tags": json.loads(tags_path.read_text())}
     try:
         tag_groups.group_indices(args)
@@ -186,9 +186,9 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
         # Per sub-model: a CNN tower accepts only "eager" (it has no attention to implement).
         vision_attention = "eager" if vision.is_cnn(saved.vision_config) else cfg.attn_implementation
         attention = {"": cfg.attn_implementation, "text_config": cfg.attn_implementation,
-                     "vision_config": vision_attention}  # fmt: skip
+                     "vision_config": vision_attention}
         model = VLMForConditionalGeneration.from_pretrained(directory, dtype=_dtype(cfg.dtype),
-                                                            attn_implementation=attention)  # fmt: skip
+                                                            attn_implementation=attention)
         return Built(model, VLMProcessor.from_pretrained(directory), frozenset())
 
     dtype, random = _dtype(cfg.dtype), {"projector"}
@@ -202,14 +202,14 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
     else:
         if tokenizer is None and training_texts is None:
             raise ConfigError("no model.lm checkpoint and no training data to train a tokenizer on; "
-                              "give data.train or model.lm")  # fmt: skip
+                              "give data.train or model.lm")
         tokenizer = tokenizer or train_tokenizer(training_texts(), cfg.vocab_size)
         text_config = _config_from_dict({**cfg.text_config, "vocab_size": len(tokenizer)}, "text_config")
         lm = AutoModelForCausalLM.from_config(text_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
         random.add("lm")
 
     special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "bos_token_id": tokenizer.bos_token_id}  # fmt: skip
+               "bos_token_id": tokenizer.bos_token_id}
     for key, value in special.items():
         setattr(lm.config, key, value)
     config = VLMConfig(
@@ -217,7 +217,7 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
         projector_args=projector_args, vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_size=cfg.image_size,
-    )  # fmt: skip
+    )
     model = VLMForConditionalGeneration(config, vision_tower=tower, language_model=lm).to(dtype)
     if tag_head is not None:
         model.projector.load_head(tag_head, str(Path(cfg.vision).expanduser() / tag_groups.HEAD_FILE))

@@ -13,11 +13,11 @@ from PIL import Image
 
 
 def generate_batch(model, processor, prompts: list[torch.Tensor], images: list[Image.Image],
-                   max_new_tokens: int) -> list[str]:  # fmt: skip
+                   max_new_tokens: int) -> list[str]:
     """Greedy replies to prompts encoded by `processor.encode_text`; `images` are all the prompts' images, in order."""
     tokenizer = processor.tokenizer
     batch = tokenizer.pad({"input_ids": [p.tolist() for p in prompts]}, padding_side="left", return_tensors="pt")
     inputs = {**batch, **processor.image_inputs(images)}
     generated = model.generate(**{k: v.to(model.device) for k, v in inputs.items()}, do_sample=False,
-                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -97,7 +97,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         return encode(pixel_values) if self.feature_cache is None else self.feature_cache.encode(encode, pixel_values)
 
     def get_image_features(self, pixel_values: torch.Tensor, crop_sizes: torch.Tensor | None = None,
-                           **kwargs) -> torch.Tensor:  # fmt: skip
+                           **kwargs) -> torch.Tensor:
         """Projected features of a batch of crops, flattened to (total image tokens, text_dim).
 
         `crop_sizes` (crops, 2) gives each crop's true (height, width) when crops of several
@@ -136,7 +136,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         return torch.cat([crop[:n] for crop, n in zip(projected, counts)])
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values,
-                             crop_sizes: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                             crop_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Put the image features at the `<image>` placeholder positions, checking the counts agree."""
         placeholders = input_ids == self.config.image_token_id
         n_placeholders = int(placeholders.sum())

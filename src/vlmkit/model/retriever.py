@@ -69,7 +69,7 @@ class VLMRetriever(VLMPreTrainedModel):
         attention = self.vlm.language_model.config._attn_implementation
         if config.bidirectional and attention not in BIDIRECTIONAL_ATTENTION:
             raise ConfigError(f"bidirectional attention needs the LM to use one of {', '.join(BIDIRECTIONAL_ATTENTION)}"
-                              f" attention, not {attention!r}")  # fmt: skip
+                              f" attention, not {attention!r}")
         hidden = self.vlm.config.text_config.hidden_size
         self.multi_vector_proj = nn.Linear(hidden, config.multi_vector_dim) if config.multi_vector_dim else None
         lm = self.vlm.language_model
@@ -166,7 +166,7 @@ def encode_inputs(processor, config: RetrieverConfig, queries: list[str] | None 
         crops = [len(plan.crop_sizes) for plan in processor.plans(images)]
         images = {key: batch[key] for key in ("pixel_values", "crop_sizes") if key in batch}
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **images,
-                "crops_per_row": torch.tensor(crops)}  # fmt: skip
+                "crops_per_row": torch.tensor(crops)}
     texts = query_texts(config, queries, eos)
     batch = processor.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

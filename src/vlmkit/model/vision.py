@@ -130,7 +130,7 @@ def grid_for_size(vision_config: PreTrainedConfig, height: int, width: int) -> t
     s = stride(vision_config)
     if is_cnn(vision_config) and (height % s or width % s):
         raise ConfigError(f"a {height}x{width} crop is not a multiple of the {vision_config.model_type} encoder's "
-                          f"stride {s}; choose image sizes that are")  # fmt: skip
+                          f"stride {s}; choose image sizes that are")
     return height // s, width // s
 
 
@@ -194,7 +194,7 @@ def encode(tower: nn.Module, config, pixel_values: torch.Tensor) -> torch.Tensor
         grid = grid_for_size(c, *pixel_values.shape[-2:])
         if tuple(hidden.shape[-2:]) != grid:
             raise ConfigError(f"the {c.model_type} encoder gave a {tuple(hidden.shape[-2:])} feature map, not the "
-                              f"expected {grid}; choose image_size as a multiple of its stride {stride(c)}")  # fmt: skip
+                              f"expected {grid}; choose image_size as a multiple of its stride {stride(c)}")
         return hidden.flatten(2).transpose(1, 2)
     drop = vit_prefix_tokens(c) - prefix_tokens(c, config.vision_feature_select_strategy)
     return hidden[:, drop:]

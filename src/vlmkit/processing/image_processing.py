@@ -44,7 +44,7 @@ class VLMImageProcessor(BaseImageProcessor):
 
     def __init__(self, size: int = 224, image_mean=CLIP_MEAN, image_std=CLIP_STD, resample: str = "bicubic",
                  resize_mode: str = "pad", slicing: str | None = None, max_slices: int = 9, multiple: int = 14,
-                 **kwargs):  # fmt: skip
+                 **kwargs):
         super().__init__(**kwargs)
         if resize_mode not in RESIZE_MODES:
             raise ConfigError(f"resize_mode {resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")

@@ -24,7 +24,7 @@ MAX_ASPECT_RATIO = 50
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
-               decode: bool = True) -> Image.Image:  # fmt: skip
+               decode: bool = True) -> Image.Image:
     """Open an image from a path or bytes, check its size from the header, then (if `decode`) decode it as RGB.
 
     Checking the header first means a decompression bomb, or a strip beyond 1:MAX_ASPECT_RATIO,
@@ -45,12 +45,12 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     width, height = image.size
     if width * height > max_pixels:
         raise DataError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
-                        "downscale it or raise max_pixels", name)  # fmt: skip
+                        "downscale it or raise max_pixels", name)
     if min(width, height) < min_side:
         raise DataError(f"image is {width}x{height}; each side must be at least {min_side} pixels", name)
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise DataError(f"image is {width}x{height}, beyond the aspect ratio limit of 1:{MAX_ASPECT_RATIO} (padded to "
-                        "a square it would take too much memory); crop it or cut it into pieces", name)  # fmt: skip
+                        "a square it would take too much memory); crop it or cut it into pieces", name)
     if not decode:
         try:  # checks structure and checksums without decoding pixels; catches truncated files early
             image.verify()

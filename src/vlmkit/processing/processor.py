@@ -63,7 +63,7 @@ class VLMProcessor(ProcessorMixin):
         n_markers = sum(t.count(IMAGE_MARKER) for t in texts)
         if n_markers != len(plans):
             raise DataError(f"text has {n_markers} {IMAGE_MARKER} marker(s) but {len(plans)} image(s) "
-                            "were given; use one marker per image")  # fmt: skip
+                            "were given; use one marker per image")
         plans = iter(plans)
         out = []
         for text in texts:
@@ -82,13 +82,13 @@ class VLMProcessor(ProcessorMixin):
         return batch_crops(crops) if crops else {}
 
     def encode_conversation(self, conversations: list[dict], images: list[Image.Image],
-                            add_generation_prompt: bool = False, max_slices: int | None = None) -> dict:  # fmt: skip
+                            add_generation_prompt: bool = False, max_slices: int | None = None) -> dict:
         """Token ids, labels (assistant tokens only, else -100) and image inputs of one conversation."""
         plans = self.plans(images, max_slices)
         return self.encode_text(conversations, plans, add_generation_prompt) | self.image_inputs(images, max_slices)
 
     def encode_text(self, conversations: list[dict], plans: list[ImagePlan | int],
-                    add_generation_prompt: bool = False) -> dict:  # fmt: skip
+                    add_generation_prompt: bool = False) -> dict:
         """The text half of `encode_conversation`, given each image's plan (or native crop count)."""
         return self.tokenize_turns([self.expand_turns(conversations, plans)], add_generation_prompt)[0]
 
@@ -107,7 +107,7 @@ class VLMProcessor(ProcessorMixin):
             encoded = self.tokenizer.apply_chat_template(
                 expanded, chat_template=self.chat_template, tokenize=True, return_dict=True,
                 return_assistant_tokens_mask=not add_generation_prompt, add_generation_prompt=add_generation_prompt,
-            )  # fmt: skip
+            )
         else:  # a pretrained LM's own template, without generation markers
             encoded = tokenize_with_assistant_mask(self.tokenizer, self.chat_template, expanded)
         out = []
@@ -122,7 +122,7 @@ class VLMProcessor(ProcessorMixin):
         return out
 
     def __call__(self, text: str | list[str] | None = None, images=None, padding: bool = True,
-                 return_tensors: str = "pt", max_slices: int | None = None, **kwargs) -> BatchFeature:  # fmt: skip
+                 return_tensors: str = "pt", max_slices: int | None = None, **kwargs) -> BatchFeature:
         """transformers-style call: prompt text(s) with `<image>` markers and the images in order."""
         texts = [text] if isinstance(text, str) else list(text or [])
         images = [images] if isinstance(images, Image.Image) else list(images or [])

@@ -51,7 +51,7 @@ def _check_size(width: int, height: int, min_side: int = 1) -> None:
     min_side = max(min_side, 1)  # a zero or negative side is never an image, whatever the caller allows
     if width < min_side or height < min_side:
         raise DataError(f"image is {width}x{height}; slicing needs both sides of at least {min_side} pixels, "
-                        "so drop or enlarge the image")  # fmt: skip
+                        "so drop or enlarge the image")
 
 
 # --- MiniCPM-V adaptive slicing ---------------------------------------------------------------------
@@ -102,7 +102,7 @@ def best_size(width: float, height: float, slice_size: int, multiple: int, allow
 
 
 def refine_size(width: int, height: int, grid: tuple[int, int], slice_size: int, multiple: int,
-                allow_upscale: bool) -> tuple[int, int]:  # fmt: skip
+                allow_upscale: bool) -> tuple[int, int]:
     """The size to resize the whole image to before cutting it into `grid` equal slices.
 
     Each grid cell gets the `best_size` of a cell of the original image, so the slices all have
@@ -118,11 +118,11 @@ def _cut(image: Image.Image, grid: tuple[int, int]) -> list[list[Image.Image]]:
     cols, rows = grid
     cell_width, cell_height = image.width // cols, image.height // rows
     return [[image.crop((col * cell_width, row * cell_height, (col + 1) * cell_width, (row + 1) * cell_height))
-             for col in range(cols)] for row in range(rows)]  # fmt: skip
+             for col in range(cols)] for row in range(rows)]
 
 
 def minicpm_slices(image: Image.Image, slice_size: int = 448, max_slices: int = 9, multiple: int = 14,
-                   never_split: bool = False, min_side: int = DEFAULT_MIN_SIDE) -> SlicedImage:  # fmt: skip
+                   never_split: bool = False, min_side: int = DEFAULT_MIN_SIDE) -> SlicedImage:
     """Slice `image` as MiniCPM-V 2.6 does: a downscaled whole view plus up to `max_slices` slices.
 
     An image of at most about `slice_size`**2 pixels (or any image with `never_split`) is not sliced;
@@ -197,12 +197,12 @@ def _fit_and_pad(image: Image.Image, target: tuple[int, int], fill: tuple[int, i
     new_height = max(1, min(math.ceil(image.height * scale), target_height))
     canvas = Image.new("RGB", target, fill)
     canvas.paste(image.resize((new_width, new_height), RESAMPLE),
-                 ((target_width - new_width) // 2, (target_height - new_height) // 2))  # fmt: skip
+                 ((target_width - new_width) // 2, (target_height - new_height) // 2))
     return canvas
 
 
 def anyres_tiles(image: Image.Image, tile_size: int = 336, max_tiles: int = 4, fill: tuple[int, int, int] = (0, 0, 0),
-                 min_side: int = DEFAULT_MIN_SIDE) -> SlicedImage:  # fmt: skip
+                 min_side: int = DEFAULT_MIN_SIDE) -> SlicedImage:
     """Tile `image` as LLaVA-NeXT AnyRes does: a global view plus a grid of `tile_size` squares.
 
     `fill` is the padding colour (0-255 RGB; pass the encoder's mean colour so padding normalises
@@ -223,7 +223,7 @@ def anyres_tiles(image: Image.Image, tile_size: int = 336, max_tiles: int = 4, f
 
 def layout_text(whole_tokens: int, slice_tokens: list[list[int]], image_token: str = "<image>",
                 img: tuple[str, str] = ("<img>", "</img>"), slice: tuple[str, str] = ("<slice>", "</slice>"),
-                row_sep: str = "\n") -> str:  # fmt: skip
+                row_sep: str = "\n") -> str:
     """The placeholder text for one sliced image, as MiniCPM-V 2.6 lays it out.
 
     `img[0]` + `image_token` * `whole_tokens` + `img[1]`, then, if there are slices, each slice as

@@ -101,7 +101,7 @@ def _open(path: Path):
 
 
 def probe_video(path: str | Path, num_frames: int | None = DEFAULT_NUM_FRAMES, fps: float | None = None,
-                max_frames: int = DEFAULT_MAX_FRAMES, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoProbe:  # fmt: skip
+                max_frames: int = DEFAULT_MAX_FRAMES, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoProbe:
     """Frame size and the times of the frames sampling picks, from the packets alone (nothing decoded).
 
     `fps` (when given) wins over `num_frames`; both are capped by `max_frames`. Raises DataError
@@ -122,7 +122,7 @@ def probe_video(path: str | Path, num_frames: int | None = DEFAULT_NUM_FRAMES, f
         raise DataError("video has no frames", path)
     if width * height > max_pixels:
         raise DataError(f"video frames are {width}x{height} = {width * height} pixels, over the limit of "
-                        f"{max_pixels}; downscale the video or raise max_pixels", path)  # fmt: skip
+                        f"{max_pixels}; downscale the video or raise max_pixels", path)
     frame_times = [float((p - pts[0]) * base) for p in pts]
     if fps is not None:
         chosen = rate_indices(frame_times, fps, max_frames)
@@ -133,7 +133,7 @@ def probe_video(path: str | Path, num_frames: int | None = DEFAULT_NUM_FRAMES, f
 
 def read_video(path: str | Path, num_frames: int | None = DEFAULT_NUM_FRAMES, fps: float | None = None,
                max_frames: int = DEFAULT_MAX_FRAMES,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[Image.Image], list[float]]:  # fmt: skip
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[Image.Image], list[float]]:
     """Sampled frames as PIL RGB images and their times in seconds (see `probe_video` for the options)."""
     path = Path(path)
     probe = probe_video(path, num_frames, fps, max_frames, max_pixels)
@@ -168,17 +168,17 @@ def expand_video_marker(text: str, timestamps: list[float], show_times: bool = T
 
 
 def expand_video_conversations(conversations: list[dict], timestamps: list[float],
-                               show_times: bool = True) -> list[dict]:  # fmt: skip
+                               show_times: bool = True) -> list[dict]:
     """A copy of `conversations` whose one `<video>` marker (in any turn) is expanded into frame markers."""
     n = sum(turn["content"].count(VIDEO_MARKER) for turn in conversations)
     if n != 1:
         raise DataError(f"conversations have {n} {VIDEO_MARKER} markers; a record with a video needs exactly one")
     return [{**turn, "content": expand_video_marker(turn["content"], timestamps, show_times)}
-            if VIDEO_MARKER in turn["content"] else dict(turn) for turn in conversations]  # fmt: skip
+            if VIDEO_MARKER in turn["content"] else dict(turn) for turn in conversations]
 
 
 def with_video_frames(conversations: list[dict], images: list, frames: list, timestamps: list[float],
-                      show_times: bool = True) -> tuple[list[dict], list]:  # fmt: skip
+                      show_times: bool = True) -> tuple[list[dict], list]:
     """Conversations with the `<video>` marker expanded, and `images` with `frames` spliced in at the
     marker's place, so the i-th `<image>` marker of the text goes with the i-th item of the list.
 

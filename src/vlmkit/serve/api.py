@@ -79,7 +79,7 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
                 error = ApiError(401, "missing or incorrect API key (Authorization: Bearer KEY)",
-                                 code="invalid_api_key")  # fmt: skip
+                                 code="invalid_api_key")
                 return JSONResponse(error.body(), status_code=401)
         return await call_next(request)
 
@@ -89,7 +89,7 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
     def check_model(name: str) -> None:
         if name != model_name:
             raise ApiError(404, f"the model {name!r} does not exist; this server has {model_name!r}", "model",
-                           code="model_not_found")  # fmt: skip
+                           code="model_not_found")
 
     @app.get("/health")
     async def health() -> dict:
@@ -110,7 +110,7 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
         inputs = encode_inputs(processor, model.config, queries=texts)
         if inputs["input_ids"].shape[1] > context:
             raise ApiError(400, f"an input is longer than this model's context of {context} tokens", "input",
-                           code="context_length_exceeded")  # fmt: skip
+                           code="context_length_exceeded")
         vectors = model(**{k: v.to(model.device) for k, v in inputs.items()})
         return vectors.float().cpu(), int(inputs["attention_mask"].sum())
 
@@ -120,10 +120,10 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
         check_model(ask.model)
         if not retriever:
             raise ApiError(400, f"{model_name!r} is a generative model; /v1/embeddings needs a retriever model",
-                           "model", code="model_not_retriever")  # fmt: skip
+                           "model", code="model_not_retriever")
         if model.config.multi_vector_dim:
             raise ApiError(400, f"{model_name!r} gives one vector per token (late interaction), which OpenAI's "
-                                "embedding format cannot carry", "model", code="multi_vector_model")  # fmt: skip
+                                "embedding format cannot carry", "model", code="multi_vector_model")
         if ask.dimensions not in (None, embedding_size):
             raise ApiError(400, f"this model's embeddings have {embedding_size} dimensions", "dimensions")
         texts = embedding_texts(ask, special_tokens, context)
@@ -146,7 +146,7 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
         if room < 1 or (asked and asked > room):
             raise ApiError(400, f"this model's context is {context} tokens; the prompt takes {prompt_tokens}"
                                 + (f" and max_tokens asks for {asked} more" if asked else ""),
-                           "messages", code="context_length_exceeded")  # fmt: skip
+                           "messages", code="context_length_exceeded")
         job.settings.max_new_tokens = min(job.settings.max_new_tokens, room)
 
     @app.post("/v1/chat/completions")
@@ -155,11 +155,11 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
         check_model(chat.model)
         if retriever:
             raise ApiError(400, f"{model_name!r} is a retriever: it answers /v1/embeddings, not chat", "model",
-                           code="model_not_generative")  # fmt: skip
+                           code="model_not_generative")
         job = await run_in_threadpool(to_job, chat, special_tokens, MAX_PIXELS, context)  # decoding images: slow
         try:
             prompt_tokens = await run_in_threadpool(engine.prompt_tokens, job.messages, job.images,
-                                                    job.settings.max_slices)  # fmt: skip
+                                                    job.settings.max_slices)
         except VlmkitError as err:  # markers and images that disagree
             raise ApiError(400, str(err), "messages") from None
         fit_context(chat, job, prompt_tokens)
@@ -198,7 +198,7 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise ApiError(415, f"the request body must be JSON sent with Content-Type: application/json, not "
-                            f"{media_type or 'no content type'}", code="unsupported_media_type")  # fmt: skip
+                            f"{media_type or 'no content type'}", code="unsupported_media_type")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and (len(declared) > 15 or int(declared) > limit):  # 16+ digits: over any limit
         raise ApiError(413, f"the request body is over {limit // 2**20} MiB", code="request_too_large")

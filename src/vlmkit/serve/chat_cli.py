@@ -44,7 +44,7 @@ class ChatSession:
     """One conversation: its history (without image markers), its images and its decoding settings."""
 
     def __init__(self, model, processor, settings: GenerationSettings, images=(), image_paths=(),
-                 system: str | None = None):  # fmt: skip
+                 system: str | None = None):
         self.model, self.processor = model, processor
         # None keeps the chat template's own default (SmolLM2's writes a system line of its own).
         self.system = [{"role": "system", "content": system}] if system else []
@@ -56,7 +56,7 @@ class ChatSession:
             "help": lambda args: HELP, "exit": lambda args: QUIT, "q": lambda args: QUIT,
             "clear": lambda args: CLEAR_SCREEN, "clh": self.clear_history, "his": self.show_history,
             "img": self.set_images, "seed": self.set_seed, "conf": self.configure, "reset-conf": self.reset_settings,
-        }  # fmt: skip
+        }
 
     def command(self, line: str) -> object:
         """Run one `:command` line; returns the text to show, or QUIT."""
@@ -123,7 +123,7 @@ class ChatSession:
 
 
 def interactive(model, processor, settings: GenerationSettings, images: list, image_paths: list[str],
-                system: str | None = None) -> None:  # fmt: skip
+                system: str | None = None) -> None:
     """The read-eval-print loop; returns on :exit, :q or end of input."""
     try:
         import readline  # noqa: F401 -- line editing and up-arrow history for input()

@@ -65,7 +65,7 @@ class GenerationSettings:
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                  "repetition_penalty": self.repetition_penalty}  # fmt: skip
+                  "repetition_penalty": self.repetition_penalty}
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return kwargs
@@ -105,7 +105,7 @@ def with_image_markers(messages: list[dict], n_new_images: int) -> list[dict]:
 
 
 def stream_reply(model, processor, messages: list[dict], images: list[Image.Image],
-                 settings: GenerationSettings) -> Iterator[str]:  # fmt: skip
+                 settings: GenerationSettings) -> Iterator[str]:
     """Yield the reply to `messages` piece by piece; `images` match the markers in the messages, in order."""
     settings.check()
     plans = processor.plans(images, settings.max_slices)
@@ -123,7 +123,7 @@ def stream_reply(model, processor, messages: list[dict], images: list[Image.Imag
                 torch.manual_seed(settings.seed)  # generate() samples with the global RNG
             with torch.no_grad():
                 model.generate(**inputs, streamer=streamer, pad_token_id=processor.tokenizer.pad_token_id,
-                               **settings.generate_kwargs())  # fmt: skip
+                               **settings.generate_kwargs())
         except BaseException as err:  # noqa: BLE001 -- handed to the caller below
             failure.append(err)
             streamer.end()  # otherwise the consumer would wait forever for more text

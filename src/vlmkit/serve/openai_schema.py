@@ -38,7 +38,7 @@ class ApiError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):  # fmt: skip
+                 kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -125,11 +125,11 @@ def decode_image(url: str, param: str, max_pixels: int):
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("http", "https"):
         raise ApiError(400, "this server does not fetch images from http(s) URLs; send the image inline as "
-                            "data:image/png;base64,...", param, code="image_url_not_allowed")  # fmt: skip
+                            "data:image/png;base64,...", param, code="image_url_not_allowed")
     header, comma, payload = url.partition(",")
     if scheme != "data" or not comma or not header.endswith(";base64"):
         raise ApiError(400, "image_url must be a base64 data: URL such as data:image/png;base64,...", param,
-                       code="invalid_image_url")  # fmt: skip
+                       code="invalid_image_url")
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -144,7 +144,7 @@ def checked_text(text: str, special_tokens: set[str], param: str) -> str:
     """`text`, unless it spells a special token (an <image> placeholder, a chat-turn marker)."""
     if found := [t for t in special_tokens if t in text]:
         raise ApiError(400, f"text may not contain the special token {found[0]!r}; send images as image_url parts",
-                       param, code="special_token_in_text")  # fmt: skip
+                       param, code="special_token_in_text")
     return text
 
 
@@ -153,7 +153,7 @@ def check_length(chars: int, context: int, param: str, what: str) -> None:
     if chars > context * MAX_CHARS_PER_TOKEN:
         raise ApiError(400, f"{what} {chars} characters, more than this model's context of {context} tokens can "
                             f"hold (at most {context * MAX_CHARS_PER_TOKEN}, {MAX_CHARS_PER_TOKEN} per token)", param,
-                       code="context_length_exceeded")  # fmt: skip
+                       code="context_length_exceeded")
 
 
 def text_chars(message: Message) -> int:
@@ -210,7 +210,7 @@ def settings(request: ChatRequest) -> GenerationSettings:
         max_new_tokens=request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS,
         do_sample=temperature > 0, temperature=temperature or 1.0, top_p=request.top_p or 1.0, top_k=0,
         seed=request.seed, max_slices=request.max_slices,
-    )  # fmt: skip
+    )
 
 
 def embedding_texts(request: EmbeddingRequest, special_tokens: set[str], context: int) -> list[str]:

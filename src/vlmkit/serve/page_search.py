@@ -30,7 +30,7 @@ def is_retriever(model_dir: str | Path) -> bool:
     config = Path(model_dir) / "config.json"
     if not config.is_file():
         raise ConfigError(f"{model_dir} is not a saved vlmkit model (no config.json, nor the {lora.ADAPTER_CONFIG} "
-                          "of LoRA adapters)")  # fmt: skip
+                          "of LoRA adapters)")
     return json.loads(config.read_text()).get("model_type") == RETRIEVER_TYPE
 
 
@@ -53,7 +53,7 @@ class PageSearch:
         missing = [doc_id for doc_id in self.ids if doc_id not in self.store]
         if missing:
             raise DataError(f"{len(missing)} page(s) of the index are not in the store, e.g. {missing[0]!r}; "
-                            "give the store the index was built from", index)  # fmt: skip
+                            "give the store the index was built from", index)
 
     def top(self, query: str, k: int) -> list[Hit]:
         """The `k` best pages for `query`, best first (ties: the page first in the index)."""

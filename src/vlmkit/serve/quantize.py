@@ -26,7 +26,7 @@ def quantize(model: nn.Module, mode: str | None) -> nn.Module:
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     if device.type != "cpu" or dtype != torch.float32:
         raise ConfigError(f"int8 dynamic quantisation needs a float32 model on the CPU, not {dtype} on {device}; "
-                          "load it with device='cpu' and the default dtype")  # fmt: skip
+                          "load it with device='cpu' and the default dtype")
     with warnings.catch_warnings():
         # torch marks torch.ao quantisation as deprecated in favour of torchao; it still works
         # and needs no extra package, so its notices would only alarm users.

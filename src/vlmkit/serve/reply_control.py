@@ -53,7 +53,7 @@ class ReplySettings(GenerationSettings):
 
     def generate_kwargs(self) -> dict:
         return super().generate_kwargs() | {"stopping_criteria": StoppingCriteriaList([self.watch]),
-                                            "suppress_tokens": list(self.suppressed)}  # fmt: skip
+                                            "suppress_tokens": list(self.suppressed)}
 
 
 class StopText:

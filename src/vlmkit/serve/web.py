@@ -40,7 +40,7 @@ def settings_of(decoding: str, temperature, top_p, top_k, max_new_tokens, repeti
     settings = GenerationSettings(
         max_new_tokens=int(max_new_tokens), do_sample=decoding == "sampling", temperature=float(temperature),
         top_p=float(top_p), top_k=int(top_k), repetition_penalty=float(repetition_penalty),
-    )  # fmt: skip
+    )
     settings.update("seed", seed.strip() or "none")  # checks the others too
     return settings
 
@@ -72,7 +72,7 @@ def chat_tab(model, processor) -> None:
             shown = chat + [{"role": "user", "content": {"path": p}} for p in paths]
             shown += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
             for chat_now, conversation_now in reply(shown, conversation, messages, conversation.images + new_images,
-                                                    controls):  # fmt: skip
+                                                    controls):
                 yield chat_now, conversation_now, None
         except VlmkitError as err:  # unreadable image, bad setting, marker typed as text: keep the session
             gr.Warning(str(err))
@@ -96,11 +96,11 @@ def chat_tab(model, processor) -> None:
         with gr.Row():
             with gr.Column(scale=3):
                 chat = gr.Chatbot(elem_id="chat", height=600, render_markdown=False, show_label=False,
-                                  feedback_options=None)  # fmt: skip
+                                  feedback_options=None)
                 box = gr.MultimodalTextbox(
                     elem_id="message", file_types=["image"], file_count="multiple", sources=["upload"],
                     show_label=False, placeholder="Ask about your images (attach them with the clip)",
-                )  # fmt: skip
+                )
                 with gr.Row():
                     again = gr.Button("Regenerate", elem_id="regenerate")
                     clear = gr.Button("Clear", elem_id="clear")
@@ -115,7 +115,7 @@ def chat_tab(model, processor) -> None:
                               elem_id="max-new-tokens"),
                     gr.Slider(0.5, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"),
                     gr.Textbox(value="", label="Seed (empty: none)", elem_id="seed"),
-                ]  # fmt: skip
+                ]
     box.submit(send, [box, chat, conversation, *controls], [chat, conversation, box], concurrency_id="generate")
     again.click(regenerate, [chat, conversation, *controls], [chat, conversation], concurrency_id="generate")
     clear.click(lambda: ([], Conversation(), None), None, [chat, conversation, box], queue=False)
@@ -155,9 +155,9 @@ def build_ui(title: str, model=None, processor=None, search: PageSearch | None =
 
 
 def launch(title: str, model=None, processor=None, search: PageSearch | None = None, host: str = "127.0.0.1",
-           port: int = 7860, block: bool = True):  # fmt: skip
+           port: int = 7860, block: bool = True):
     """Serve the page (until interrupted, or in the background with `block=False`); returns (ui, url)."""
     ui = build_ui(title, model, processor, search)
     ui.launch(server_name=host, server_port=port, prevent_thread_lock=not block, theme=THEME, footer_links=[],
-              show_error=True, quiet=not block, max_file_size="32mb")  # fmt: skip
+              show_error=True, quiet=not block, max_file_size="32mb")
     return ui, ui.local_url

@@ -42,7 +42,7 @@ def gather(local: torch.Tensor) -> torch.Tensor:
 
 
 def info_nce(queries: torch.Tensor, docs: torch.Tensor, temperature: float, n_local_queries: int,
-             n_local_docs: int) -> torch.Tensor:  # fmt: skip
+             n_local_docs: int) -> torch.Tensor:
     """Mean cross-entropy of each query against every page; query j of process p has its
     positive at row p * n_local_docs + j of the gathered pages."""
     logits = score(queries, docs).float() / temperature
@@ -65,7 +65,7 @@ class RetrieverTrainer(VLMTrainer):
         self.temperature, self.micro_batch_size = temperature, grad_cache_micro_batch_size
         if self.micro_batch_size and self.is_deepspeed_enabled:
             raise ConfigError("GradCache calls backward once per micro-batch, which DeepSpeed's engine does not "
-                              "allow within one step; use DDP or FSDP, or turn grad_cache off")  # fmt: skip
+                              "allow within one step; use DDP or FSDP, or turn grad_cache off")
 
     def floating_point_ops(self, inputs: dict) -> int:
         tokens = sum(int(inputs[tower]["attention_mask"].sum()) for tower in ("query", "doc"))

@@ -67,7 +67,7 @@ def deepspeed_mismatches(ds: dict, t: TrainConfig, world_size: int) -> list[str]
             problems.append(f"{key} is {have!r} but {source} gives {want!r}")
     if "optimizer" in ds:
         problems.append("it has an optimizer section; vlmkit builds the optimizer itself (one learning rate per "
-                        "module), so remove it")  # fmt: skip
+                        "module), so remove it")
     return problems
 
 
@@ -97,4 +97,4 @@ def check(t: TrainConfig) -> None:
     problems = deepspeed_mismatches(ds, t, _world_size())
     if problems:
         raise ConfigError(f"{path} contradicts the command line: " + "; ".join(problems)
-                          + ' (use "auto" to take the command line\'s value)')  # fmt: skip
+                          + ' (use "auto" to take the command line\'s value)')

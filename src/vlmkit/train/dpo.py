@@ -50,7 +50,7 @@ class PreferenceDataset(ConversationDataset):
         try:
             prompt_ids = self.processor.encode_text(prompt, crops, add_generation_prompt=True)["input_ids"]
             replies = [self.processor.encode_text([*prompt, {"role": "assistant", "content": record.extra[key]}],
-                                                  crops) for key in ("chosen", "rejected")]  # fmt: skip
+                                                  crops) for key in ("chosen", "rejected")]
         except DataError as err:
             raise record.error(err.problem) from None
         for reply in replies:
@@ -97,7 +97,7 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tupl
     loss = -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1])).mean()
     metrics = {"rewards/chosen": rewards[:, 0], "rewards/rejected": rewards[:, 1],
                "rewards/margins": rewards[:, 0] - rewards[:, 1],
-               "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).float()}  # fmt: skip
+               "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).float()}
     return loss, metrics
 
 

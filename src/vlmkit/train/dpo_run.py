@@ -27,7 +27,7 @@ from vlmkit.train.dpo import (
     PreferenceDataset,
     add_reference,
     preference_accuracy,
-    score_pairs,  # fmt: skip
+    score_pairs,
 )
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.run import prepare_model
@@ -57,7 +57,7 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
     collator = PairCollator(processor.tokenizer.pad_token_id)
     trainer = DPOTrainer(model=model, args=training_arguments(cfg, rates, has_eval=False), train_dataset=train_set,
                          data_collator=collator, processing_class=processor, learning_rates=rates,
-                         time_budget=cfg.train.time_budget, beta=cfg.dpo.beta)  # fmt: skip
+                         time_budget=cfg.train.time_budget, beta=cfg.dpo.beta)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
 
@@ -86,7 +86,7 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
         (out / CONFIG_FILE).write_text(to_yaml(cfg))
         summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
                    "n_pairs": len(train_set),
-                   "skipped_records": len(train_set.skipped), "metrics": metrics}  # fmt: skip
+                   "skipped_records": len(train_set.skipped), "metrics": metrics}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         accuracy = {k: round(v, 3) for k, v in metrics.items() if "preference_accuracy" in k}
         log(f"saved model to {out} ({summary['steps']} steps in {train_seconds:.0f}s); preference accuracy {accuracy}")

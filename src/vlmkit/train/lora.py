@@ -42,7 +42,7 @@ def _target_pattern(model: nn.Module, cfg: LoraSettings) -> str:
         if missing:
             field = "vision_target_modules" if key == "vision" else "target_modules"
             raise ConfigError(f"lora.{field}: {', '.join(missing)} match no linear layer of model.{PARTS[key]}; "
-                              f"its linear layers are named {', '.join(sorted(available))}")  # fmt: skip
+                              f"its linear layers are named {', '.join(sorted(available))}")
         alternatives.append(rf"{PARTS[key]}\..*\.({'|'.join(sorted(set(names)))})")
     return "|".join(f"(?:{a})" for a in alternatives)
 
@@ -70,7 +70,7 @@ def _check_quantize(cfg: LoraSettings, model_cfg: ModelConfig) -> None:
         raise ConfigError(f"lora.quantize {cfg.quantize!r} must be null or '4bit' (QLoRA)")
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("lora.quantize=4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package "
-                          "(pip install bitsandbytes); here, use plain LoRA (lora.quantize=null)")  # fmt: skip
+                          "(pip install bitsandbytes); here, use plain LoRA (lora.quantize=null)")
     if not model_cfg.init_from:
         raise ConfigError("lora.quantize=4bit loads a saved model in 4 bits; give model.init_from")
 
@@ -85,7 +85,7 @@ def _quantized_base(model_cfg: ModelConfig) -> nn.Module:
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16,
-                                      llm_int8_skip_modules=["vision_tower", "projector", "lm_head"])  # fmt: skip
+                                      llm_int8_skip_modules=["vision_tower", "projector", "lm_head"])
     model = VLMForConditionalGeneration.from_pretrained(model_cfg.init_from, quantization_config=quantization)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -107,7 +107,7 @@ def wrap(model: nn.Module, processor, cfg: LoraSettings, model_cfg: ModelConfig,
             processor.save_pretrained(base)
     peft_config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                              target_modules=_target_pattern(model, cfg),
-                             modules_to_save=list(cfg.modules_to_save) or None)  # fmt: skip
+                             modules_to_save=list(cfg.modules_to_save) or None)
     peft_model = get_peft_model(model, peft_config)
     peft_model.peft_config["default"].base_model_name_or_path = base
     return peft_model

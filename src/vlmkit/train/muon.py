@@ -44,7 +44,7 @@ def check(t: TrainConfig) -> None:
 def takes_muon(name: str, param: nn.Parameter) -> bool:
     """A hidden 2-D weight of the language model: not the embeddings, not the head."""
     return (param.ndim == 2 and ".language_model." in f".{name}" and "embed" not in name
-            and "lm_head" not in name)  # fmt: skip
+            and "lm_head" not in name)
 
 
 def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int,

@@ -19,7 +19,7 @@ class ProgressBar(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True)  # fmt: skip
+                            dynamic_ncols=True)
         self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
         self.postfix = {}
 

@@ -88,11 +88,11 @@ class PageBatchCollator:
         (item,) = items  # the DataLoader's batch size is 1: each item is a whole batch already
         images = [self.store.image(doc_id) for doc_id in item["doc_ids"]]
         return {"query": encode_inputs(self.processor, self.config, queries=item["queries"]),
-                "doc": encode_inputs(self.processor, self.config, images=images)}  # fmt: skip
+                "doc": encode_inputs(self.processor, self.config, images=images)}
 
 
 def build_retriever(cfg: RetrieverRunConfig, training_texts,
-                    tokenizer=None) -> tuple[VLMRetriever, VLMProcessor, frozenset[str]]:  # fmt: skip
+                    tokenizer=None) -> tuple[VLMRetriever, VLMProcessor, frozenset[str]]:
     """The retriever to train, its processor, and which modules start from random weights."""
     r = cfg.retrieval
     if r.init_from:
@@ -104,13 +104,13 @@ def build_retriever(cfg: RetrieverRunConfig, training_texts,
 
 
 def make_trainer(cfg: RetrieverRunConfig, model: VLMRetriever, processor: VLMProcessor, pairs, store: PageStore,
-                 rates, trainer_class=RetrieverTrainer) -> RetrieverTrainer:  # fmt: skip
+                 rates, trainer_class=RetrieverTrainer) -> RetrieverTrainer:
     """The Trainer for a built model; `trainer_class` lets tests record what it does."""
     args = training_arguments(cfg, rates, has_eval=False)
     args.per_device_train_batch_size = 1  # one dataset item is one whole (per-process) batch
     args.include_num_input_tokens_seen = "no"
     train_set = PairBatches(pairs, cfg.train.batch_size, world_size=args.world_size,
-                            hard_negatives=cfg.retrieval.hard_negatives, seed=cfg.train.seed)  # fmt: skip
+                            hard_negatives=cfg.retrieval.hard_negatives, seed=cfg.train.seed)
     r = cfg.retrieval
     return trainer_class(
         model=model,
@@ -162,7 +162,7 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
         summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
                    "n_params": sum(p.numel() for p in model.parameters()), "n_pairs": len(pairs),
                    "batches_per_epoch": len(trainer.train_dataset), "metrics": dict(result.metrics),
-                   "cuda": torch.cuda.is_available()}  # fmt: skip
+                   "cuda": torch.cuda.is_available()}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         log(f"saved retriever to {out} ({summary['steps']} steps in {train_seconds:.0f}s)")
     return out
@@ -182,14 +182,14 @@ def run_demo(out: str | Path, data: str | Path, quick: bool = False, log=print) 
     if not (data / "test_qrels.tsv").is_file():
         synth_docs(data)
     overrides = [f"data.train={data / 'train_pairs.jsonl'}", f"data.docs={data / 'train_docs.h5'}",
-                 f"train.output_dir={out / 'model'}"]  # fmt: skip
+                 f"train.output_dir={out / 'model'}"]
     if quick:
         overrides += ["train.max_steps=20", "train.batch_size=8"]
     recipe = resources.files("vlmkit").joinpath("configs/retriever-tiny.yaml")
     model_dir = run(load_retriever_config(str(recipe), overrides), log=log)
     summary = json.loads((model_dir / SUMMARY_FILE).read_text())
     metrics = evaluate(model_dir, data / "test_docs.h5", data / "test_queries.jsonl", data / "test_qrels.tsv",
-                       out / "eval" / "metrics.json")  # fmt: skip
+                       out / "eval" / "metrics.json")
     metrics["train_seconds"] = round(summary["train_seconds"], 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log(json.dumps(metrics, indent=2))

@@ -73,7 +73,7 @@ def calibrate_projector(model, records, processor, cfg: RunConfig, log=print) ->
     if not with_images:
         return
     sample = ConversationDataset(with_images, processor, cfg.data.max_length, skip_bad=cfg.data.skip_bad,
-                                 max_pixels=cfg.data.max_pixels)  # fmt: skip
+                                 max_pixels=cfg.data.max_pixels)
     if not len(sample):
         return
     inputs = concat_image_inputs([sample[i] for i in range(len(sample))])
@@ -91,7 +91,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         raise ConfigError("train.stage=dpo trains on preference records: run `vlmkit dpo` (vlmkit.train.dpo_run)")
     if cfg.data.channel_shuffle or cfg.data.colour_words:
         raise ConfigError("data.channel_shuffle and data.colour_words are for train.stage=vision (tag training); "
-                          f"train.stage={cfg.train.stage} trains on the captions' own colours: unset them")  # fmt: skip
+                          f"train.stage={cfg.train.stage} trains on the captions' own colours: unset them")
     out = Path(cfg.train.output_dir)
     set_seed(cfg.train.seed)
     log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
@@ -105,7 +105,7 @@ def run(cfg: RunConfig, log=print) -> Path:
 
     kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels,
               "video": VideoSettings(cfg.data.video_frames, cfg.data.video_fps, cfg.data.video_max_frames,
-                                     cfg.data.video_max_slices)}  # fmt: skip
+                                     cfg.data.video_max_slices)}
     train_set = ConversationDataset(records, processor, **kwargs, blank_image_rate=cfg.data.blank_image_rate,
                                     seed=cfg.train.seed)
     train_set.skipped = bad_lines + train_set.skipped
@@ -143,7 +143,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         skipped = train_set.skipped + (eval_set.skipped if eval_set else [])
         summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
                    "n_params": sum(p.numel() for p in model.parameters()), "n_train": len(train_set),
-                   "skipped_records": len(skipped), "metrics": metrics}  # fmt: skip
+                   "skipped_records": len(skipped), "metrics": metrics}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         if skipped:
             log(f"skipped {len(skipped)} bad record(s) (--skip-bad); the first: {skipped[0]}")

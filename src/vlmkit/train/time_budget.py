@@ -27,15 +27,15 @@ def check(t: TrainConfig) -> None:
         return
     if t.resume:
         raise ConfigError("train.time_budget cannot resume exactly (its schedule follows the clock); "
-                          "resume a run with train.max_steps instead")  # fmt: skip
+                          "resume a run with train.max_steps instead")
     if t.deepspeed:
         raise ConfigError("train.time_budget needs the Trainer's own scheduler; DeepSpeed brings its own")
     if t.scheduler != "cosine":
         raise ConfigError(f"train.time_budget decays the learning rate on a cosine over time; train.scheduler "
-                          f"{t.scheduler!r} would be ignored: set it to cosine")  # fmt: skip
+                          f"{t.scheduler!r} would be ignored: set it to cosine")
     if t.warmup >= 1:
         raise ConfigError(f"train.time_budget takes train.warmup as a ratio of the budget (below 1), "
-                          f"not {t.warmup} steps")  # fmt: skip
+                          f"not {t.warmup} steps")
 
 
 class TimeBudget:

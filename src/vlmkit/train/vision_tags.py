@@ -74,7 +74,7 @@ def tag_vocabulary(records: list[Record]) -> tuple[list[str], torch.Tensor]:
     vocabulary = sorted(word for word, n in counts.items() if n >= MIN_TAG_COUNT)
     if not vocabulary:
         raise DataError(f"no word occurs in {MIN_TAG_COUNT} or more captions; the vision stage needs "
-                        "image-caption records (one image and its description each)")  # fmt: skip
+                        "image-caption records (one image and its description each)")
     positives = torch.tensor([counts[word] for word in vocabulary], dtype=torch.float32)
     return vocabulary, ((len(records) - positives) / positives).clamp(1.0, MAX_POSITIVE_WEIGHT)
 
@@ -87,7 +87,7 @@ class TagDataset(Dataset):
     """
 
     def __init__(self, records: list[Record], vocabulary: list[str], image_processor, max_pixels: int,
-                 skip_bad: bool = False, channel_shuffle: float = 0.0, colour_words: list[str] = ()):  # fmt: skip
+                 skip_bad: bool = False, channel_shuffle: float = 0.0, colour_words: list[str] = ()):
         self.index = {word: i for i, word in enumerate(vocabulary)}
         self.image_processor, self.max_pixels = image_processor, max_pixels
         self.channel_shuffle = channel_shuffle
@@ -131,11 +131,11 @@ def _colour_tags(index: dict[str, int], channel_shuffle: float, colour_words: li
         raise ConfigError(f"data.channel_shuffle is {channel_shuffle}; give a probability from 0 to 1")
     if channel_shuffle and not colour_words:
         raise ConfigError("data.channel_shuffle needs data.colour_words: the words a shuffled image's caption "
-                          "no longer gets right (e.g. [red, green, blue])")  # fmt: skip
+                          "no longer gets right (e.g. [red, green, blue])")
     missing = [word for word in colour_words if word.lower() not in index]
     if missing:
         raise ConfigError(f"data.colour_words: {', '.join(missing)} not among the tags (words in "
-                          f"{MIN_TAG_COUNT} or more captions); remove them or check the spelling")  # fmt: skip
+                          f"{MIN_TAG_COUNT} or more captions); remove them or check the spelling")
     return [index[word.lower()] for word in colour_words]
 
 
@@ -149,7 +149,7 @@ class TowerTagger(nn.Module):
         self.register_buffer("positive_weight", positive_weight, persistent=False)
 
     def forward(self, pixel_values: torch.Tensor, tags: torch.Tensor | None = None,
-                trained_tags: torch.Tensor | None = None) -> dict:  # fmt: skip
+                trained_tags: torch.Tensor | None = None) -> dict:
         """Tag logits per image; with `tags`, the mean loss over the (image, tag) pairs `trained_tags` keeps."""
         tokens = vision.encode(self.tower, self.encode_config, pixel_values)  # (images, tokens, width)
         logits = torch.logsumexp(self.head(tokens), dim=1)
@@ -165,16 +165,16 @@ def _check(cfg: RunConfig) -> None:
     """Refuse settings this stage would otherwise ignore."""
     if cfg.model.init_from or cfg.model.lm:
         raise ConfigError("train.stage=vision trains a vision encoder alone: leave model.init_from and model.lm "
-                          "unset (give model.vision_config, or model.vision to go on from a checkpoint)")  # fmt: skip
+                          "unset (give model.vision_config, or model.vision to go on from a checkpoint)")
     unsupported = {"data.eval": cfg.data.eval, "lora.enabled": cfg.lora.enabled, "train.packing": cfg.train.packing,
                    "model.slicing": cfg.model.slicing, "train.fsdp": cfg.train.fsdp,
                    "train.deepspeed": cfg.train.deepspeed,
                    "train.gradient_checkpointing": cfg.train.gradient_checkpointing,
-                   "train.time_budget": cfg.train.time_budget, "data.blank_image_rate": cfg.data.blank_image_rate}  # fmt: skip
+                   "train.time_budget": cfg.train.time_budget, "data.blank_image_rate": cfg.data.blank_image_rate}
     given = [name for name, value in unsupported.items() if value]
     if given:
         raise ConfigError(f"train.stage=vision does not support {', '.join(given)}; unset them (the stage trains one "
-                          "whole-image view of a small encoder, on one process or with DDP)")  # fmt: skip
+                          "whole-image view of a small encoder, on one process or with DDP)")
 
 
 def _vocabulary(records: list[Record], out: Path, resuming: bool) -> tuple[list[str], torch.Tensor]:
@@ -183,7 +183,7 @@ def _vocabulary(records: list[Record], out: Path, resuming: bool) -> tuple[list[
     saved = out / TAGS_FILE
     if resuming and saved.is_file() and json.loads(saved.read_text()) != vocabulary:
         raise ConfigError(f"the captions give other tags than {saved} of the run being resumed; resume on the "
-                          "same data, or start a new output directory")  # fmt: skip
+                          "same data, or start a new output directory")
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(vocabulary))
     return vocabulary, positive_weight
@@ -201,7 +201,7 @@ def run_vision_stage(cfg: RunConfig, log=print) -> Path:
     tower, random = build_vision_tower(cfg.model)
     encode_config = SimpleNamespace(vision_config=tower.config, vision_feature_layer=cfg.model.vision_feature_layer,
                                     vision_feature_select_strategy=cfg.model.vision_feature_select_strategy,
-                                    image_size=cfg.model.image_size)  # fmt: skip
+                                    image_size=cfg.model.image_size)
     vocabulary, positive_weight = _vocabulary(records, out, checkpoint is not None)
     model = TowerTagger(tower, encode_config, len(vocabulary), positive_weight)
     lr = cfg.train.learning_rates(frozenset({"vision"} if random else ())).vision
@@ -211,7 +211,7 @@ def run_vision_stage(cfg: RunConfig, log=print) -> Path:
     args.include_num_input_tokens_seen = "no"  # images, not tokens
     image_processor = tower_image_processor(cfg.model, encode_config)
     dataset = TagDataset(records, vocabulary, image_processor, cfg.data.max_pixels, cfg.data.skip_bad,
-                         cfg.data.channel_shuffle, cfg.data.colour_words)  # fmt: skip
+                         cfg.data.channel_shuffle, cfg.data.colour_words)
     skipped = bad_lines + dataset.skipped
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.remove_callback(ProgressCallback)
@@ -227,7 +227,7 @@ def run_vision_stage(cfg: RunConfig, log=print) -> Path:
         summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
                    "n_train": len(dataset),
                    "skipped_records": len(skipped), "n_params": sum(p.numel() for p in tower.parameters()),
-                   "n_tags": len(vocabulary), "metrics": dict(result.metrics)}  # fmt: skip
+                   "n_tags": len(vocabulary), "metrics": dict(result.metrics)}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         if skipped:
             log(f"skipped {len(skipped)} bad record(s) (--skip-bad); the first: {skipped[0]}")
@@ -240,9 +240,9 @@ def save_tower(model: TowerTagger, image_processor, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.tower.save_pretrained(out)  # safetensors
     normalisation = {"image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
-                     "size": image_processor.size}  # fmt: skip
+                     "size": image_processor.size}
     (out / "preprocessor_config.json").write_text(json.dumps(normalisation))
     # Which features the head scores, so that a tag_groups projector can refuse to score others.
     trained_on = {key: str(getattr(model.encode_config, key)) for key in HEAD_FEATURE_KEYS}
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE),
-              metadata=trained_on)  # fmt: skip
+              metadata=trained_on)

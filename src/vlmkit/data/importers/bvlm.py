@@ -35,5 +35,5 @@ def read(source: Path, images: Path, out_dir: Path, captions: Path | None = None
         for k, answer in enumerate(answers):
             records.append({"id": f"bvlm-{entry['ID']}-{k}", "images": [str(entry["path"]) + str(entry["image_file"])],
                             "conversations": [{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": answer}]})  # fmt: skip
+                                              {"role": "assistant", "content": answer}]})
     return records

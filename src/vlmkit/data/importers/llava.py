@@ -18,5 +18,5 @@ def read(source: Path, images: Path, out_dir: Path) -> list[dict]:
         image = item.get("image", [])
         images_of_item = [image] if isinstance(image, str) else image
         records.append({"id": str(item.get("id", f"llava-{index}")), "images": images_of_item,
-                        "conversations": conversations})  # fmt: skip
+                        "conversations": conversations})
     return records

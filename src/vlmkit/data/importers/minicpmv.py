@@ -28,7 +28,7 @@ def _named(item: dict, conversations: list[dict], source: Path, index: int) -> t
     unused = [name for name in names if name not in found]
     if unused:
         raise DataError(f"image placeholder(s) {', '.join(unused)} never appear in the conversation", source,
-                        index + 1, item.get("id"))  # fmt: skip
+                        index + 1, item.get("id"))
     return [names[name] for name in found], turns
 
 
@@ -42,5 +42,5 @@ def read(source: Path, images: Path, out_dir: Path) -> list[dict]:
         else:
             paths = [image] if isinstance(image, str) else image
         records.append({"id": str(item.get("id", f"minicpmv-{index}")), "images": paths,
-                        "conversations": conversations})  # fmt: skip
+                        "conversations": conversations})
     return records

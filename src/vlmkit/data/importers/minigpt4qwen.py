@@ -26,7 +26,7 @@ def _frames(video, images: Path, source: Path, index: int) -> list[str]:
     if not folder.is_dir():
         raise DataError(f"video {video!r} is not a folder of frames; extract them first (for example "
                         f"ffmpeg -i {video} -vf fps=1 frames/%04d.png) and point 'video' at the folder", source,
-                        index + 1)  # fmt: skip
+                        index + 1)
     frames = sorted(str(p.relative_to(images)) for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
     if not frames:
         raise DataError(f"video folder {folder} holds no frame images", source, index + 1)
@@ -47,5 +47,5 @@ def read(source: Path, images: Path, out_dir: Path) -> list[dict]:
             instruction = PLACEHOLDER.sub(IMAGE_MARKER, instruction)
         conversations = [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
         records.append({"id": str(item.get("id", f"minigpt4qwen-{index}")), "images": paths,
-                        "conversations": conversations})  # fmt: skip
+                        "conversations": conversations})
     return records

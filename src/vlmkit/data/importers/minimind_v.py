@@ -30,7 +30,7 @@ def _from_jsonl(source: Path) -> list[dict]:
         conversations = field(item, "conversations", source, line - 1, list)
         names = [name.strip() for name in item.get("image", "").split(",") if name.strip()]
         records.append({"id": str(item.get("id", f"minimind-{index}")), "images": names,
-                        "conversations": conversations})  # fmt: skip
+                        "conversations": conversations})
     return records
 
 
@@ -62,7 +62,7 @@ def _from_parquet(source: Path, out_dir: Path) -> list[dict]:
         blobs = item["image_bytes"] if isinstance(item["image_bytes"], list) else [item["image_bytes"]]
         record_id = str(item.get("id") or f"minimind-{row}")
         paths = [_write_image(blob, image_dir / f"{record_id}-{k}", source, row)
-                 for k, blob in enumerate(blobs) if blob]  # fmt: skip
+                 for k, blob in enumerate(blobs) if blob]
         records.append({"id": record_id, "images": paths, "conversations": turns})
     return records
 

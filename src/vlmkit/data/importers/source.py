@@ -26,5 +26,5 @@ def field(item, key: str, path: Path, index: int, kind: type = str):
     value = item.get(key)
     if not isinstance(value, kind) or (kind is str and not value.strip()):
         raise DataError(f"field {key!r} is missing or not a {'string' if kind is str else kind.__name__}", path,
-                        index + 1, item.get("id"))  # fmt: skip
+                        index + 1, item.get("id"))
     return value

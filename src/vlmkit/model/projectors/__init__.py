@@ -46,12 +46,12 @@ def build_projector(config) -> nn.Module:
     unknown = set(config.projector_args) - cls.ARGS
     if unknown:
         raise ConfigError(f"projector_args {sorted(unknown)} mean nothing to the {config.projector_type} projector; "
-                          f"it reads {sorted(cls.ARGS) or 'none'} (YAML needs a space: `key: value`)")  # fmt: skip
+                          f"it reads {sorted(cls.ARGS) or 'none'} (YAML needs a space: `key: value`)")
     grid = vision.patch_grid(config)
     prefix = vision.prefix_tokens(config.vision_config, config.vision_feature_select_strategy)
     width = vision.feature_size(config.vision_config) * len(vision.feature_layers(config))
     return cls(width, config.text_config.hidden_size, config.projector_args,
-               grid, prefix)  # fmt: skip
+               grid, prefix)
 
 
 __all__ = ["PROJECTORS", "GridPositions", "Projector", "build_projector", "projector_class"]

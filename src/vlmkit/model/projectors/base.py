@@ -58,7 +58,7 @@ def crop_grids(grids, features: torch.Tensor, prefix: int) -> list[Grid]:
     longest = prefix + max(h * w for h, w in grids)
     if length < longest:
         raise ImageTokenMismatchError(f"the vision features have {length} rows per crop, but a {grids} grid "
-                                      f"with {prefix} prefix tokens needs {longest}")  # fmt: skip
+                                      f"with {prefix} prefix tokens needs {longest}")
     return grids
 
 

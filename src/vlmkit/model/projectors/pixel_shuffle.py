@@ -26,7 +26,7 @@ def shuffled_grid(grid: Grid, factor: int) -> Grid:
     """The (h/f, w/f) grid after space-to-depth; ConfigError when f does not divide both sides."""
     if grid[0] % factor or grid[1] % factor:
         raise ConfigError(f"the pixel_shuffle projector needs a patch grid divisible by its factor {factor}, but "
-                          f"got a {grid[0]}x{grid[1]} grid; change the image size or projector_args.factor")  # fmt: skip
+                          f"got a {grid[0]}x{grid[1]} grid; change the image size or projector_args.factor")
     return grid[0] // factor, grid[1] // factor
 
 

@@ -40,7 +40,7 @@ class QFormerProjector(Projector):
             intermediate_size=args.get("intermediate_size", 4 * hidden), encoder_hidden_size=vision_dim,
             cross_attention_frequency=args.get("cross_attention_frequency", 1),
             hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-        )  # fmt: skip
+        )
         # Normal, not zero (transformers' default): identical queries would stay identical.
         self.query_tokens = nn.Parameter(torch.randn(query_count(args, 32), hidden) * config.initializer_range)
         self.qformer = Blip2QFormerModel(config)

@@ -23,7 +23,7 @@ def sincos_2d(dim: int, grid: Grid, device=None) -> torch.Tensor:
     h, w = grid
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
-                                torch.arange(w, dtype=torch.float32, device=device), indexing="ij")  # fmt: skip
+                                torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
     parts = [angle.reshape(-1, 1) * omega for angle in (cols, rows)]
     return torch.cat([torch.cat([part.sin(), part.cos()], dim=-1) for part in parts], dim=-1)
 
@@ -33,7 +33,7 @@ def attention_heads(args: dict, width: int, name: str) -> int:
     heads = args.get("heads", max(1, width // 64))
     if not isinstance(heads, int) or heads < 1 or width % heads:
         raise ConfigError(f"projector_args.heads = {heads!r} must be a positive integer dividing the {name} "
-                          f"projector's width {width}")  # fmt: skip
+                          f"projector's width {width}")
     return heads
 
 

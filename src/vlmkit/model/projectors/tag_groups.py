@@ -43,18 +43,18 @@ def group_indices(args: dict) -> list[list[int]]:
     tags, groups = args.get("tags"), args.get("groups")
     if not tags or not groups:
         raise ConfigError("the tag_groups projector needs projector_args.groups (lists of tag words) and a tower "
-                          f"from the vision stage (model.vision, with its {TAGS_FILE} and {HEAD_FILE})")  # fmt: skip
+                          f"from the vision stage (model.vision, with its {TAGS_FILE} and {HEAD_FILE})")
     if not isinstance(groups, (list, tuple)) or not all(
             isinstance(group, (list, tuple)) and all(isinstance(word, str) for word in group) for group in groups):
         raise ConfigError(f"projector_args.groups must be a list of lists of words, e.g. [[circle, square], "
-                          f"[red, blue]], not {groups!r}")  # fmt: skip
+                          f"[red, blue]], not {groups!r}")
     if not isinstance(args.get("features", False), bool):
         raise ConfigError(f"projector_args.features must be true or false, not {args['features']!r}")
     index = {tag: i for i, tag in enumerate(tags)}
     missing = sorted({word for group in groups for word in group if word not in index})
     if missing:
         raise ConfigError(f"projector_args.groups: {', '.join(missing)} not among the tower's tags; "
-                          f"check the spelling against its {TAGS_FILE}")  # fmt: skip
+                          f"check the spelling against its {TAGS_FILE}")
     chosen = [[index[word] for word in group] for group in groups]
     if any(not group for group in chosen):
         raise ConfigError("projector_args.groups: a group is empty; give each group one word or more")
@@ -82,7 +82,7 @@ class TagGroupProjector(Projector):
         self.features = None
         if args.get("features", False):
             self.features = PixelShuffleProjector(vision_dim, text_dim, {"factor": self.factor, "pos_embed": True},
-                                                  grid, prefix)  # fmt: skip
+                                                  grid, prefix)
         # The vision stage's scorer: buffers, not parameters, so that no optimizer ever trains it
         # (a loaded checkpoint's parameters come back trainable). The model builder loads it.
         head = nn.Linear(vision_dim, len(args["tags"]))
@@ -118,7 +118,7 @@ class TagGroupProjector(Projector):
         got = {key: tuple(value.shape) for key, value in state.items()}
         if got != shapes:
             raise ConfigError(f"{source} holds {got}, but this tower and its tags need {shapes}; the head and the "
-                              f"tower come from different runs: re-run the vision stage")  # fmt: skip
+                              f"tower come from different runs: re-run the vision stage")
         with torch.no_grad():
             self.head_weight.copy_(state["weight"])
             self.head_bias.copy_(state["bias"])
