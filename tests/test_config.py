@@ -1,16 +1,20 @@
 """Config loading: the shipped tiny recipe equals the defaults; overrides are typed and checked."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
+import yaml
 
 from vlmkit.config import RunConfig, load_config
 from vlmkit.demo import recipe
 from vlmkit.errors import ConfigError
 
 
-def test_tiny_recipe_equals_the_defaults():
-    assert dataclasses.asdict(load_config(recipe("scratch"))) == dataclasses.asdict(RunConfig())
+def test_scratch_recipe_spells_out_every_default_key_by_key():
+    # The file as written, not merged over the defaults: a key missing from it is a failure too.
+    written = yaml.safe_load(Path(recipe("scratch")).read_text())
+    assert written == dataclasses.asdict(RunConfig())
 
 
 @pytest.mark.parametrize("name", ["demo-align", "demo-sft", "shapes-vision", "shapes-align", "shapes-sft"])
