@@ -17,7 +17,7 @@ from vlmkit.model.tokens import grid_multiple, image_token_spec, num_image_token
 VISION_DIM, TEXT_DIM = 8, 16
 # Small args so each projector stays tiny; every other arg keeps its default.
 ARGS = {"resampler": {"num_queries": 5}, "qformer": {"num_queries": 6}, "pixel_shuffle": {}, "mlp": {},
-        "linear": {}, "layernorm_mlp": {}, "tag_groups": {"tags": ("a", "b", "c", "d"), "groups": (("b", "d"),), "features": True}}
+        "linear": {}, "layernorm_mlp": {}}
 VARIANTS = [(name, ARGS.get(name, {})) for name in PROJECTORS] + [
     ("mlp", {"pos_embed": True}),  # learned positions, resized for grids other than the config's
     ("pixel_shuffle", {"factor": 3, "hidden_size": 12}),

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from vlmkit.config import ModelConfig
@@ -23,7 +22,6 @@ from vlmkit.errors import ConfigError
 from vlmkit.model import pretrained, vision
 from vlmkit.model.configuration import VLMConfig
 from vlmkit.model.modeling import VLMForConditionalGeneration
-from vlmkit.model.projectors import tag_groups
 from vlmkit.model.tokens import grid_multiple, image_token_spec
 from vlmkit.processing.image_processing import CLIP_MEAN, CLIP_STD, VLMImageProcessor
 from vlmkit.processing.processor import VLMProcessor
@@ -143,37 +141,6 @@ def load_language_model(cfg: ModelConfig):
     return lm, tokenizer
 
 
-def _projector_args(cfg: ModelConfig) -> tuple[dict, dict | None]:
-    """The projector's args, and for the tag_groups projector the tower's tags and tag head.
-
-    That projector reads the scores of the tag head the vision stage trains beside its tower,
-    so it needs such a tower; the tags go into the saved config, the head into the weights."""
-    if cfg.projector != "tag_groups":
-        return cfg.projector_args, None
-    directory = Path(cfg.vision).expanduser() if cfg.vision else None
-    files = [directory / name for name in (tag_groups.HEAD_FILE, tag_groups.TAGS_FILE)] if directory else []
-    if not files or not all(path.is_file() for path in files):
-        raise ConfigError(f"the tag_groups projector needs model.vision to be a tower from the vision stage "
-                          f"(train.stage: vision), with its {tag_groups.HEAD_FILE} and {tag_groups.TAGS_FILE}; "
-                          f"got {cfg.vision!r}")
-    if "tags" in cfg.projector_args:
-        raise ConfigError(f"projector_args.tags is filled in from the tower's {tag_groups.TAGS_FILE}; leave it out")
-    head_path, tags_path = files
-    with safe_open(str(head_path), "pt") as saved:
-        head, trained_on = {key: saved.get_tensor(key) for key in saved.keys()}, saved.metadata() or {}
-    for key in tag_groups.HEAD_FEATURE_KEYS:
-        # The head scores the features it was trained on; other ones would give scores that mean nothing.
-        if key in trained_on and trained_on[key] != str(getattr(cfg, key)):
-            raise ConfigError(f"{head_path} scores the tower's {key} {trained_on[key]}, but model.{key} is "
-                              f"{getattr(cfg, key)}; set model.{key}={trained_on[key]}")
-    args = {**cfg.projector_args, "tags": json.loads(tags_path.read_text())}
-    try:
-        tag_groups.group_indices(args)
-    except ConfigError as err:
-        raise ConfigError(f"{err} ({tags_path})") from None
-    return args, head
-
-
 def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None = None, tokenizer=None) -> Built:
     """Build (or load) the model and processor described by `cfg`.
 
@@ -192,7 +159,6 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
         return Built(model, VLMProcessor.from_pretrained(directory), frozenset())
 
     dtype, random = _dtype(cfg.dtype), {"projector"}
-    projector_args, tag_head = _projector_args(cfg)  # before the slow parts, so that its errors come first
     tower, random_tower = build_vision_tower(cfg)
     if random_tower:
         random.add("vision")
@@ -214,13 +180,11 @@ def build(cfg: ModelConfig, training_texts: Callable[[], Iterable[str]] | None =
         setattr(lm.config, key, value)
     config = VLMConfig(
         vision_config=tower.config, text_config=lm.config, projector_type=cfg.projector,
-        projector_args=projector_args, vision_feature_layer=cfg.vision_feature_layer,
+        projector_args=cfg.projector_args, vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_size=cfg.image_size,
     )
     model = VLMForConditionalGeneration(config, vision_tower=tower, language_model=lm).to(dtype)
-    if tag_head is not None:
-        model.projector.load_head(tag_head, str(Path(cfg.vision).expanduser() / tag_groups.HEAD_FILE))
     # A pretrained LM keeps its own generation settings (end-of-turn ids, sampling defaults). The
     # placeholder token must never be generated: it would ask for image features that don't exist.
     generation = lm.generation_config if cfg.lm else GenerationConfig(**special)

@@ -18,8 +18,7 @@ of the images (a green triangle turns red, blue or purple), with the loss on the
 
 Hand-written because no maintained library trains a transformers vision model on caption tags.
 The trained encoder is saved as a plain transformers checkpoint with its image normalisation,
-so that `model.vision=DIR` composes it with any LM; the tag head is kept beside it, for the
-`tag_groups` projector (which reads its word scores) or for nothing.
+so that `model.vision=DIR` composes it with any LM; the tag head is kept beside it.
 """
 
 from __future__ import annotations
@@ -44,12 +43,15 @@ from vlmkit.data.records import Record, prepare_all, read_record_files
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.model import vision
 from vlmkit.model.build import build_vision_tower, tower_image_processor
-from vlmkit.model.projectors.tag_groups import HEAD_FEATURE_KEYS, HEAD_FILE, TAGS_FILE
 from vlmkit.processing.images import open_image
 from vlmkit.train import distributed
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, last_checkpoint, training_arguments
 
+HEAD_FILE = "tag_head.safetensors"  # the trained head, written beside the tower with TAGS_FILE
+TAGS_FILE = "tags.json"
+# The head file's metadata: which features of the tower its scores are for.
+HEAD_FEATURE_KEYS = ("vision_feature_layer", "vision_feature_select_strategy")
 MIN_TAG_COUNT = 3  # rarer words teach nothing general and only add outputs
 MAX_POSITIVE_WEIGHT = 100.0
 # Every order of the three channels but the identity.
@@ -242,7 +244,7 @@ def save_tower(model: TowerTagger, image_processor, out: Path) -> None:
     normalisation = {"image_mean": list(image_processor.image_mean), "image_std": list(image_processor.image_std),
                      "size": image_processor.size}
     (out / "preprocessor_config.json").write_text(json.dumps(normalisation))
-    # Which features the head scores, so that a tag_groups projector can refuse to score others.
+    # Which features the head scores: its scores mean nothing for other features of the tower.
     trained_on = {key: str(getattr(model.encode_config, key)) for key in HEAD_FEATURE_KEYS}
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE),
               metadata=trained_on)

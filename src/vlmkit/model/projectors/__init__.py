@@ -18,7 +18,6 @@ from vlmkit.model.projectors.mlp import LayerNormMLPProjector, MLPProjector
 from vlmkit.model.projectors.pixel_shuffle import PixelShuffleProjector
 from vlmkit.model.projectors.qformer import QFormerProjector
 from vlmkit.model.projectors.resampler import ResamplerProjector
-from vlmkit.model.projectors.tag_groups import TagGroupProjector
 
 PROJECTORS: dict[str, type[Projector]] = {
     "linear": LinearProjector,
@@ -27,7 +26,6 @@ PROJECTORS: dict[str, type[Projector]] = {
     "pixel_shuffle": PixelShuffleProjector,
     "resampler": ResamplerProjector,
     "qformer": QFormerProjector,
-    "tag_groups": TagGroupProjector,
 }
 
 
