@@ -128,6 +128,9 @@ class TrainConfig:
     # "word_norm": a new projector between pretrained parts starts with image tokens of the LM's
     # word-embedding norm, measured on the first training images (model/projector_scale.py); "none".
     projector_init: str = "word_norm"
+    # The share of the steps before the LM (or its adapters) starts to learn, the projector
+    # learning alone against the frozen LM until then (LLaVA's two stages in one run).
+    lm_start: float = 0.0
     torch_compile: bool = False
     optimizer: str = "adamw"  # or "muon": Muon for the LM's hidden matrices, AdamW for the rest (train/muon.py)
     fsdp: str = ""  # transformers' fsdp option, e.g. "full_shard auto_wrap"; see configs/fsdp.yaml

@@ -48,6 +48,8 @@ def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
     Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
     """
     projector_scale.check_mode(cfg.train.projector_init)
+    if not 0.0 <= cfg.train.lm_start < 1.0:
+        raise ConfigError(f"train.lm_start is a share of the steps, from 0 up to (not including) 1; got {cfg.train.lm_start}")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
     built = build(cfg.model, training_texts=lambda: _tokenizer_texts(cfg, records), tokenizer=tokenizer)
     model, processor = built.model, built.processor
@@ -123,6 +125,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         learning_rates=rates,
         time_budget=cfg.train.time_budget,
         optimizer_name=cfg.train.optimizer,
+        lm_start=cfg.train.lm_start,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())

@@ -107,13 +107,31 @@ def apply_learning_rates(model: nn.Module, rates: LearningRates) -> dict[str, in
     return counts
 
 
+def delay_lm(scheduler: LambdaLR, start: int, warmup: int) -> None:
+    """Hold the LM's learning rate at 0 for the first `start` steps, then warm it up over `warmup`
+    steps into the run's schedule: the new projector learns to speak to the frozen LM first.
+
+    LLaVA's two stages in one run. Trained together from the first step, SmolLM2's adapters
+    learned each question's likeliest answer and the loss stayed at that prior, while the
+    projector alone learned to make the frozen LM read the image (docs/design.md).
+    """
+    warmup = max(warmup, 1)
+    for index, group in enumerate(scheduler.optimizer.param_groups):
+        if group.get("name", "").startswith("lm"):
+            shared = scheduler.lr_lambdas[index]
+            scheduler.lr_lambdas[index] = lambda step, shared=shared: (
+                0.0 if step < start else shared(step) * min(1.0, (step - start + 1) / warmup))
+            group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[index](scheduler.last_epoch)
+
+
 class VLMTrainer(Trainer):
     """Trainer whose optimizer has decay/no-decay groups per module, each at its own peak rate;
     with `time_budget` (seconds) its schedule follows the clock and it stops when time is up."""
 
     def __init__(self, *args, learning_rates: LearningRates, time_budget: float = 0.0, optimizer_name: str = "adamw",
-                 **kwargs):
+                 lm_start: float = 0.0, **kwargs):
         self.learning_rates = learning_rates
+        self.lm_start = lm_start
         self.optimizer_name = optimizer_name
         self._staging_dir = None  # set while a checkpoint is being written
         super().__init__(*args, **kwargs)
@@ -154,7 +172,10 @@ class VLMTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.time_budget is None or self.lr_scheduler is not None:
-            return super().create_scheduler(num_training_steps, optimizer)
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+            if self.lm_start:
+                delay_lm(scheduler, int(self.lm_start * num_training_steps), self.args.get_warmup_steps(num_training_steps))
+            return scheduler
         self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.time_budget.lr_multiplier)
         return self.lr_scheduler
 
