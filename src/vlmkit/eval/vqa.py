@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vlmkit.data.records import Record
+from vlmkit.data.records import IMAGE_MARKER, Record
 from vlmkit.model.generation import generate_batch
 from vlmkit.processing.images import blank_like, open_image
 from vlmkit.processing.processor import VLMProcessor
@@ -59,7 +59,7 @@ def questions_of(records: list[Record], processor: VLMProcessor) -> list[Questio
                 continue
             history = record.conversations[:turn]
             # Only the images whose markers are already in the prompt are given to the model.
-            shown = sum(m["content"].count("<image>") for m in history)
+            shown = sum(m["content"].count(IMAGE_MARKER) for m in history)
             ids = processor.encode_text(history, crops[:shown], add_generation_prompt=True)["input_ids"]
             out.append(Question(record, turn, {"input_ids": ids, "n_images": shown}))
     return out
@@ -91,7 +91,7 @@ def score(questions: list[Question], predictions: list[str]) -> tuple[dict, list
         category = q.record.category or "all"
         by_category[category].append(correct)
         answers_by_category[category][normalise_answer(q.answer)] += 1
-        question_text = q.record.conversations[q.turn - 1]["content"].replace("<image>", "").strip()
+        question_text = q.record.conversations[q.turn - 1]["content"].replace(IMAGE_MARKER, "").strip()
         rows.append({"id": q.record.id, "turn": q.turn, "category": category, "question": question_text,
                      "answer": q.answer, "prediction": prediction, "correct": correct})
     n = len(questions)

@@ -27,6 +27,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from vlmkit.errors import ConfigError
+from vlmkit.processing.tokenizer_training import IMAGE_TOKEN
 from vlmkit.model import vision
 from vlmkit.model.modeling import VLMForConditionalGeneration
 from vlmkit.processing.image_processing import RESAMPLE, VLMImageProcessor
@@ -137,7 +138,7 @@ def llava_processor(processor: VLMProcessor, model: VLMForConditionalGeneration)
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=processor.tokenizer,
         chat_template=FLATTEN_CONTENT + processor.chat_template,
-        patch_size=vision.stride(cfg.vision_config), image_token="<image>",
+        patch_size=vision.stride(cfg.vision_config), image_token=IMAGE_TOKEN,
         vision_feature_select_strategy=llava_config(model).vision_feature_select_strategy,
         num_additional_image_tokens=vision.vit_prefix_tokens(cfg.vision_config),
     )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from vlmkit.data.records import IMAGE_MARKER
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.processing.images import DEFAULT_MIN_SIDE
 
@@ -221,7 +222,7 @@ def anyres_tiles(image: Image.Image, tile_size: int = 336, max_tiles: int = 4, f
 # --- Token layout ------------------------------------------------------------------------------------
 
 
-def layout_text(whole_tokens: int, slice_tokens: list[list[int]], image_token: str = "<image>",
+def layout_text(whole_tokens: int, slice_tokens: list[list[int]], image_token: str = IMAGE_MARKER,
                 img: tuple[str, str] = ("<img>", "</img>"), slice: tuple[str, str] = ("<slice>", "</slice>"),
                 row_sep: str = "\n") -> str:
     """The placeholder text for one sliced image, as MiniCPM-V 2.6 lays it out.

@@ -15,9 +15,11 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from vlmkit.data.records import IMAGE_MARKER
+
 PAD_TOKEN = "<|endoftext|>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = IMAGE_MARKER  # a record's image marker is the token itself
 # Crop boundary and slice tokens, used by the high-resolution layouts; present from the start
 # so that every tokenizer vlmkit makes can serve every layout.
 LAYOUT_TOKENS = ("<img>", "</img>", "<slice>", "</slice>")
