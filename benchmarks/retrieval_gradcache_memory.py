@@ -27,7 +27,8 @@ from vlmkit.data.synth_docs import ALL_KEYS, query, render_page
 from vlmkit.model.retriever import encode_inputs
 from vlmkit.train.contrastive import info_nce, model_inputs
 from vlmkit.train.gradcache import grad_cache_step
-from vlmkit.train.retrieval import build_retriever, load_retriever_config
+from vlmkit.config import load_retriever_config
+from vlmkit.train.retrieval import build_retriever
 
 
 class PeakTensorMemory(TorchDispatchMode):

@@ -68,7 +68,8 @@ def _docs_make_pairs(args) -> None:
 
 
 def _retriever_train(args) -> None:
-    from vlmkit.train.retrieval import load_retriever_config, run
+    from vlmkit.config import load_retriever_config
+    from vlmkit.train.retrieval import run
 
     overrides = list(args.set or [])
     for flag, key in (("train_data", "data.train"), ("docs", "data.docs"), ("output_dir", "train.output_dir"),

@@ -186,6 +186,40 @@ class RunConfig:
     dpo: DPOSettings = field(default_factory=DPOSettings)
 
 
+# `vlmkit retriever train`: the sections of `vlmkit train` (model, train) plus `retrieval`, with
+# the data a retriever trains on.
+@dataclass
+class RetrievalConfig:
+    """How embeddings are made (saved in the model's config) and how the contrastive loss is set up."""
+
+    init_from: str | None = None  # a saved retriever to go on training (model.* is then ignored)
+    pooling: str = "last"
+    normalize: bool = True
+    query_prefix: str = "query: "
+    doc_prefix: str = "page: "
+    bidirectional: bool = False
+    multi_vector_dim: int = 0  # > 0: one vector of this size per token, MaxSim scoring (ColPali)
+    temperature: float = 0.02
+    hard_negatives: int = 0  # per query, drawn from each pair's "neg" list
+    grad_cache: bool = False
+    grad_cache_micro_batch_size: int = 8
+
+
+@dataclass
+class RetrieverDataConfig:
+    train: str | None = None  # pairs JSONL
+    docs: str | None = None  # page store holding every page the pairs name
+    num_workers: int = 0
+
+
+@dataclass
+class RetrieverRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    data: RetrieverDataConfig = field(default_factory=RetrieverDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/retriever"))
+
+
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -269,3 +303,8 @@ def _merge(base: dict, update: dict) -> dict:
 
 def to_yaml(config) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def load_retriever_config(path: str | Path | None = None, overrides: list[str] = ()) -> RetrieverRunConfig:
+    """Defaults, then the YAML file, then `section.key=value` overrides (as `vlmkit train` reads its config)."""
+    return load_config(path, overrides, root=RetrieverRunConfig)

@@ -12,7 +12,8 @@ from vlmkit.data.page_store import PageStore
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.train import retrieval as retrieval_run
 from vlmkit.train.contrastive import RetrieverTrainer
-from vlmkit.train.retrieval import load_retriever_config, make_trainer
+from vlmkit.config import load_retriever_config
+from vlmkit.train.retrieval import make_trainer
 from vlmkit.train.trainer import apply_learning_rates
 
 

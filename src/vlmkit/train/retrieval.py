@@ -4,7 +4,7 @@ Set up (config, pairs, page store), build (a VLM from scratch or a trained one, 
 a `VLMRetriever`), train (`RetrieverTrainer`: InfoNCE, optional GradCache), save (weights,
 config and processor, loadable with `VLMRetriever.from_pretrained`).
 
-The config has the sections of `vlmkit train` (model, data, train) plus `retrieval`; the
+The config (`RetrieverRunConfig` in vlmkit/config.py) has the sections of `vlmkit train` plus `retrieval`; the
 `model` section says what VLM to start from (`model.init_from` for a trained one).
 """
 
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, ProgressCallback, set_seed
 
-from vlmkit.config import ModelConfig, TrainConfig, load_config, to_yaml
+from vlmkit.config import RetrieverRunConfig, load_retriever_config, to_yaml
 from vlmkit.data.page_store import PageStore
 from vlmkit.data.pairs import PairBatches, check_ids, read_pairs
 from vlmkit.errors import ConfigError
@@ -38,43 +37,6 @@ from vlmkit.train.trainer import apply_learning_rates
 
 CONFIG_FILE = "vlmkit_retriever.yaml"
 SUMMARY_FILE = "train_summary.json"
-
-
-@dataclass
-class RetrievalConfig:
-    """How embeddings are made (saved in the model's config) and how the contrastive loss is set up."""
-
-    init_from: str | None = None  # a saved retriever to go on training (model.* is then ignored)
-    pooling: str = "last"
-    normalize: bool = True
-    query_prefix: str = "query: "
-    doc_prefix: str = "page: "
-    bidirectional: bool = False
-    multi_vector_dim: int = 0  # > 0: one vector of this size per token, MaxSim scoring (ColPali)
-    temperature: float = 0.02
-    hard_negatives: int = 0  # per query, drawn from each pair's "neg" list
-    grad_cache: bool = False
-    grad_cache_micro_batch_size: int = 8
-
-
-@dataclass
-class RetrieverDataConfig:
-    train: str | None = None  # pairs JSONL
-    docs: str | None = None  # page store holding every page the pairs name
-    num_workers: int = 0
-
-
-@dataclass
-class RetrieverRunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    data: RetrieverDataConfig = field(default_factory=RetrieverDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/retriever"))
-
-
-def load_retriever_config(path: str | Path | None = None, overrides: list[str] = ()) -> RetrieverRunConfig:
-    """Defaults, then the YAML file, then `section.key=value` overrides (as `vlmkit train` reads its config)."""
-    return load_config(path, overrides, root=RetrieverRunConfig)
 
 
 class PageBatchCollator:
