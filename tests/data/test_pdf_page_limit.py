@@ -104,3 +104,14 @@ def test_a_huge_page_between_good_pdfs_is_scaled_down_and_the_good_pages_kept(tm
     width, height = result["sizes"]["huge.pdf#1"]
     assert width == height and MAX_PAGE_PIXELS * 0.99 < width * height <= MAX_PAGE_PIXELS
     assert result["downscaled"] == ["huge.pdf#1"]
+
+
+def test_a_pdf_with_no_pages_is_reported_with_a_reason(tmp_path):
+    import pypdfium2 as pdfium
+
+    from vlmkit.data.pdf import load_problem
+
+    pdfium.PdfDocument.new().save(str(tmp_path / "empty.pdf"))
+    with pytest.raises(pdfium.PdfiumError) as refused:
+        pdfium.PdfDocument(str(tmp_path / "empty.pdf"))
+    assert "no pages" in load_problem(refused.value) and "Success" not in load_problem(refused.value)

@@ -83,6 +83,14 @@ def page_scale(width_pt: float, height_pt: float, dpi: float, min_side: int,
     return scale
 
 
+def load_problem(err: pdfium.PdfiumError) -> str:
+    """Why PDFium could not open a document. It refuses one with no pages without naming an error
+    ("PDFium: Success", error code 0), which would tell the user nothing."""
+    if getattr(err, "err_code", None) == 0:
+        return "PDFium gives no reason; a PDF with no pages is refused this way"
+    return str(err)
+
+
 def _render_pages(task: tuple) -> list[tuple[int, bytes | None, dict | str]]:
     """Worker: (page number, PNG bytes, metadata) per page, or (page number, None, problem)."""
     path, pages, dpi, min_side, max_pixels = task
@@ -90,7 +98,7 @@ def _render_pages(task: tuple) -> list[tuple[int, bytes | None, dict | str]]:
     try:
         pdf = pdfium.PdfDocument(str(path))
     except pdfium.PdfiumError as err:
-        return [(number, None, f"cannot open the PDF ({err})") for number in pages]
+        return [(number, None, f"cannot open the PDF ({load_problem(err)})") for number in pages]
     try:
         for number in pages:
             try:
@@ -130,7 +138,7 @@ def render_to_store(inputs: list[str | Path], out: str | Path, dpi: float = 150,
                 n_pages = len(pdf)
                 pdf.close()
             except pdfium.PdfiumError as err:
-                report.failures.append(f"{path}: not a readable PDF ({err})")
+                report.failures.append(f"{path}: not a readable PDF ({load_problem(err)})")
                 continue
             todo = [n for n in range(1, n_pages + 1) if f"{name}#{n}" not in store]
             report.skipped += n_pages - len(todo)
