@@ -25,7 +25,7 @@ demo-quick: $(STAMP)
 	$(BIN)/vlmkit demo --out runs/demo-quick --data data/synth-quick --quick
 
 demo-scratch: $(STAMP)
-	$(BIN)/vlmkit demo --scratch --out runs/demo-scratch --data data/synth-scratch
+	$(BIN)/python -m examples.shapes.scratch --out runs/demo-scratch --data data/synth-scratch
 
 demo-retrieval: $(STAMP)
 	$(BIN)/vlmkit retriever demo --out runs/demo-retrieval --data data/synth-docs

@@ -188,17 +188,8 @@ def _models_list(args) -> None:
 
 
 def _demo(args) -> None:
-    if args.scratch:
-        from vlmkit.demo_scratch import SFT_STEPS, run_demo
-
-        run_demo(Path(args.out), Path(args.data), quick=args.quick, sft_steps=args.sft_steps or SFT_STEPS)
-        return
     from vlmkit.demo import run_demo
 
-    if args.sft_steps:
-        from vlmkit.errors import ConfigError
-
-        raise ConfigError("--sft-steps is for --scratch; the pretrained demo's steps are in configs/demo-sft.yaml")
     run_demo(Path(args.out), Path(args.data), quick=args.quick)
 
 
@@ -237,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     preferences.add_argument("--seed", type=int, default=0)
     preferences.set_defaults(func=_data_preferences)
 
-    for name, description in (("train", "train a VLM (one stage: vision, align, sft or dpo)"),
+    for name, description in (("train", "train a VLM (one stage: align, sft or dpo)"),
                               ("dpo", "preference-tune a VLM with DPO (train with train.stage=dpo)")):
         train = commands.add_parser(name, help=description)
         train.add_argument("config", nargs="?", help="YAML config, or the name of a shipped config or recipe "
@@ -322,9 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--data", default="data/synth")
     demo.add_argument("--quick", action="store_true", help="a much smaller run, to check the pipeline")
-    demo.add_argument("--scratch", action="store_true", help="the from-scratch shapes example instead "
-                      "(vision + align + SFT of a tiny model from random weights)")
-    demo.add_argument("--sft-steps", type=int, metavar="N", help="--scratch only: SFT steps (default: 6000)")
     demo.set_defaults(func=_demo)
 
     add_retrieval_commands(commands)

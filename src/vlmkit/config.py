@@ -68,15 +68,6 @@ class DataConfig:
     video_fps: float | None = None  # sample at this rate instead (still capped by video_max_frames)
     video_max_frames: int = 32
     video_max_slices: int = 1  # slices per frame with a slicing model (1: the whole view; anyres: + 1 tile)
-    # Vision stage only: the chance that an image's colour channels are permuted, so that each shape
-    # is seen in colours its captions never pair it with; the `colour_words` tags are not trained on
-    # such an image (its colours are no longer the caption's).
-    channel_shuffle: float = 0.0
-    colour_words: list = field(default_factory=list)
-    # The share of training records (a fixed set, drawn with train.seed) that see blank images
-    # instead of theirs, answers kept: the model learns that a blank image tells it nothing and
-    # answers such questions from its prior, which is what `vlmkit eval --blind` then measures.
-    blank_image_rate: float = 0.0
 
 
 @dataclass
@@ -89,7 +80,6 @@ class LearningRates:
 
 
 STAGE_LEARNING_RATES = {
-    "vision": LearningRates(vision=1e-4, projector=0.0, lm=0.0),  # the encoder alone, on caption tags
     "align": LearningRates(vision=0.0, projector=1e-3, lm=0.0),  # projector only
     "sft": LearningRates(vision=0.0, projector=2e-5, lm=2e-5),  # projector + LM; vision optional
     "dpo": LearningRates(vision=0.0, projector=1e-6, lm=1e-6),  # preference tuning moves an SFT model gently

@@ -142,7 +142,6 @@ def run_demo(out: Path, data: Path, quick: bool = False) -> dict:
         "stage_seconds": {name: stage["train_seconds"] for name, stage in stages.items()},
         "stage_bf16": {name: stage["bf16"] for name, stage in stages.items()},
         "align_steps": stages["align"]["steps"], "sft_steps": stages["sft"]["steps"],
-        "sft_blank_image_rate": load_config(recipe("demo-sft")).data.blank_image_rate,
         "total_seconds": time.perf_counter() - start, "n_params": stages["sft"]["n_params"], "quick": quick,
         "llava_export": str(export),
     }

@@ -11,7 +11,6 @@ replaced by another one. Videos are only probed up front; their frames are decod
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ from torch.utils.data import Dataset
 from vlmkit.data.records import Record, prepare_all, read_records
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.processing.image_processing import concat_image_inputs
-from vlmkit.processing.images import blank_like, open_image
+from vlmkit.processing.images import open_image
 from vlmkit.processing.processor import IGNORE_INDEX, VLMProcessor
 from vlmkit.processing.video import probe_video, read_video, with_video_frames
 
@@ -55,18 +54,12 @@ class ConversationDataset(Dataset):
     """Examples for supervised training: `input_ids`, `labels`, `pixel_values` per item."""
 
     def __init__(self, records: list[Record], processor: VLMProcessor, max_length: int, skip_bad: bool = False,
-                 max_pixels: int | None = None, video: VideoSettings | None = None, blank_image_rate: float = 0.0,
-                 seed: int = 0):
-        if not 0.0 <= blank_image_rate <= 1.0:  # before the records are prepared, which takes a while
-            raise ConfigError(f"data.blank_image_rate must be between 0 and 1, not {blank_image_rate}")
+                 max_pixels: int | None = None, video: VideoSettings | None = None):
         self.processor, self.max_length, self.max_pixels = processor, max_length, max_pixels
         self.video = video or VideoSettings()
         self.examples: list[Example]
         self.skipped: list[DataError]
         self.examples, self.skipped = self._prepare_all(records, skip_bad)
-        draws = random.Random(seed)
-        # A fixed set of examples, so that every epoch and a resumed run see the same data.
-        self.blank = frozenset(i for i in range(len(self.examples)) if draws.random() < blank_image_rate)
 
     @classmethod
     def from_jsonl(cls, path, processor: VLMProcessor, max_length: int, skip_bad: bool = False, **kwargs):
@@ -142,8 +135,6 @@ class ConversationDataset(Dataset):
         example = self.examples[index]
         record = example.record
         images = [self._open(record, p, decode=True) for p in record.images]
-        if index in self.blank:
-            images = [blank_like(image, self.processor.image_processor.image_mean) for image in images]
         if record.video:
             frames, times = self._video(record, decode=True)
             _, images = with_video_frames(record.conversations, images, frames, times)

@@ -132,8 +132,7 @@ def fact_list(scene: Scene, rng: random.Random) -> str:
     vision tower is asked for each object's shape, colour and size long before the language
     model can find an object by its content. Shape comes first, where the model's attention
     is already on the named cell: with shape and colour in random order it bet on the easier
-    colour there, and learnt shape at half the speed (docs/design.md, "The from-scratch shapes
-    example")."""
+    colour there, and learnt shape at half the speed (examples/shapes/README.md)."""
     if scene.word is not None:
         return f"text {scene.word} {scene.word_colour}."
     by_cell = {o.cell: o for o in scene.objects}

@@ -53,7 +53,7 @@ PHRASINGS = {
 # Half the captions are of a word: a vision tower needs far more examples to read the 70 words
 # than to see colours and shapes, and the captions are where the shapes example's vision stage
 # learns both. With a share of 0.35 its tower named 0.02-0.06 of the test's words, with 0.5 0.89
-# (docs/design.md, "The from-scratch shapes example").
+# (examples/shapes/README.md).
 WORD_CAPTION_SHARE = 0.5
 CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Give a short description of the image.")
 

@@ -66,5 +66,5 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 def blank_like(image: Image.Image, mean: list[float]) -> Image.Image:
     """An image of the same size in one colour, the processor's mean: it normalises to all zeros,
-    so it shows the model nothing (`vlmkit eval --blind`, `data.blank_image_rate`)."""
+    so it shows the model nothing (`vlmkit eval --blind`)."""
     return Image.new("RGB", image.size, tuple(round(255 * m) for m in mean))

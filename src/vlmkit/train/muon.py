@@ -8,9 +8,9 @@ transformers 5 names Muon without shipping it; `MuonWithAdamW` is that adapter.
 
 torch's Muon also orthogonalises one matrix at a time (its `foreach` option raises
 NotImplementedError); small matrices one by one keep two cores poorly busy. `GroupedMuon`
-stacks the matrices of one shape and runs the same Newton-Schulz iteration on the stack: in
-the SFT stage of `make demo-scratch` the optimizer step fell from 12% to 7% of the time
-sampled (docs/finetuning.md).
+stacks the matrices of one shape and runs the same Newton-Schulz iteration on the stack (a
+transformer's layers share a handful of shapes): training a 3-layer LM of width 160, the
+optimizer step fell from 12% to 7% of the time sampled (docs/finetuning.md).
 """
 
 from __future__ import annotations

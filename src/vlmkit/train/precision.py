@@ -2,9 +2,9 @@
 
 On a GPU, "auto" means bf16 where the GPU has it natively (Ampere and newer). On a CPU it
 depends on the cores: with native bf16 instructions (AVX512-BF16, AMX) a bf16 matrix product
-ran 3.7-4.2 times as fast as a float32 one on a 2-core AMD EPYC, and the SFT step of
-`make demo-scratch` about 1.4 times (with eager attention; docs/design.md, "The from-scratch
-shapes example"); without them bf16 is emulated and can be many times slower. So on a CPU
+ran 3.7-4.2 times as fast as a float32 one on a 2-core AMD EPYC, and a small LM's training
+step about 1.4 times (with eager attention; examples/shapes/README.md); without them bf16 is
+emulated and can be many times slower. So on a CPU
 "auto" times one product in each precision, once per process, and takes bf16 only when it
 wins clearly. Autocast keeps the weights, their gradients and the optimizer in float32 either
 way. The choice is printed and kept in the run's summary.

@@ -25,7 +25,6 @@ from vlmkit.train import distributed, lora
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import (CONFIG_FILE, SUMMARY_FILE, VLMTrainer, apply_learning_rates, last_checkpoint,
                                   training_arguments)
-from vlmkit.train.vision_tags import run_vision_stage
 
 CALIBRATION_RECORDS = 16  # the first records with images: enough for a mean norm, seconds of encoding
 
@@ -87,13 +86,8 @@ def run(cfg: RunConfig, log=print) -> Path:
     """Train one stage as configured; returns the directory of the saved model."""
     if not cfg.data.train:
         raise ConfigError("no training data: give --train-data or data.train")
-    if cfg.train.stage == "vision":
-        return run_vision_stage(cfg, log)
     if cfg.train.stage == "dpo":
         raise ConfigError("train.stage=dpo trains on preference records: run `vlmkit dpo` (vlmkit.train.dpo_run)")
-    if cfg.data.channel_shuffle or cfg.data.colour_words:
-        raise ConfigError("data.channel_shuffle and data.colour_words are for train.stage=vision (tag training); "
-                          f"train.stage={cfg.train.stage} trains on the captions' own colours: unset them")
     out = Path(cfg.train.output_dir)
     set_seed(cfg.train.seed)
     log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
@@ -108,8 +102,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels,
               "video": VideoSettings(cfg.data.video_frames, cfg.data.video_fps, cfg.data.video_max_frames,
                                      cfg.data.video_max_slices)}
-    train_set = ConversationDataset(records, processor, **kwargs, blank_image_rate=cfg.data.blank_image_rate,
-                                    seed=cfg.train.seed)
+    train_set = ConversationDataset(records, processor, **kwargs)
     train_set.skipped = bad_lines + train_set.skipped
     eval_set = ConversationDataset.from_jsonl(cfg.data.eval, processor, **kwargs) if cfg.data.eval else None
 

@@ -1,8 +1,7 @@
 """`train.time_budget`: train until a wall-clock deadline, the learning rate decaying over time.
 
 A CPU shared with other machines can run the same step 2.5 times slower at one moment than
-at another, even within one run (docs/design.md, "The from-scratch shapes example"), so a
-step count chosen in advance either wastes a fast machine or overruns a slow one. With a
+at another, even within one run (examples/shapes/README.md), so a step count chosen in advance either wastes a fast machine or overruns a slow one. With a
 time budget the warmup and the cosine decay follow the fraction of the budget spent, and
 training stops when it is spent; `train.max_steps` stays a cap. Hand-written: transformers'
 schedulers are functions of the step count only.

@@ -18,8 +18,7 @@ class TokenwiseProjector(Projector):
     them to its patch embeddings: the norm fixes the features' scale, so positions start as
     loud as the content whatever the tower. Added after the projection instead, they were
     swamped: a from-scratch tower's projected tokens grew to norm 20-30 while the positions
-    stayed near 0.25, and the LM could not tell the cells apart (docs/design.md, "The
-    from-scratch shapes example").
+    stayed near 0.25, and the LM could not tell the cells apart (examples/shapes/README.md).
     """
 
     ARGS = frozenset({"pos_embed", "layernorm"})

@@ -1,4 +1,5 @@
-"""The vision stage: a tower pre-trained on caption word tags, then composed into a VLM."""
+"""The shapes example's vision stage (examples/shapes/vision_tags.py): a tower pre-trained on
+caption word tags, then composed into a VLM."""
 
 import json
 
@@ -7,19 +8,19 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TEST_TEXT
-from vlmkit.config import ModelConfig, load_config
+from examples.shapes.vision_tags import (HEAD_FILE, TAGS_FILE, TagDataset, TowerTagger, caption_words,
+                                         load_tag_config, run_vision_stage as run, tag_vocabulary)
+from vlmkit.config import ModelConfig
 from vlmkit.data.records import Record, normalise
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.model.build import build, build_vision_tower, tower_image_processor
-from vlmkit.train.run import run
-from vlmkit.train.vision_tags import HEAD_FILE, TAGS_FILE, TagDataset, TowerTagger, caption_words, tag_vocabulary
 
 TEST_REGNET = {"model_type": "regnet", "embedding_size": 8, "hidden_sizes": [16, 32], "depths": [1, 1],
                "groups_width": 8, "layer_type": "y"}
 
 
 def _config(synth_dir, out, *overrides):
-    return load_config(None, ["train.stage=vision", "train.report_to=[]", "train.batch_size=4", "train.warmup=0",
+    return load_tag_config(None, ["train.report_to=[]", "train.batch_size=4", "train.warmup=0",
                               f"data.train={synth_dir / 'captions.jsonl'}", f"train.output_dir={out}",
                               "model.image_size=32", *overrides])
 
@@ -154,12 +155,17 @@ def test_channel_shuffle_permutes_colours_and_leaves_out_the_colour_tags(synth_d
 
 
 def test_channel_shuffle_settings_are_checked(synth_dir, tmp_path):
-    with pytest.raises(ConfigError, match="needs data.colour_words"):
-        run(_config(synth_dir, tmp_path / "x", "data.channel_shuffle=0.5"))
+    with pytest.raises(ConfigError, match="needs tags.colour_words"):
+        run(_config(synth_dir, tmp_path / "x", "tags.channel_shuffle=0.5"))
     with pytest.raises(ConfigError, match="teal not among the tags"):
-        run(_config(synth_dir, tmp_path / "x", "data.channel_shuffle=0.5", "data.colour_words=[red,teal]"))
+        run(_config(synth_dir, tmp_path / "x", "tags.channel_shuffle=0.5", "tags.colour_words=[red,teal]"))
     with pytest.raises(ConfigError, match="from 0 to 1"):
-        run(_config(synth_dir, tmp_path / "x", "data.channel_shuffle=1.5", "data.colour_words=[red]"))
-    with pytest.raises(ConfigError, match="for train.stage=vision"):
-        run(load_config(None, ["train.stage=sft", f"data.train={synth_dir / 'train.jsonl'}",
-                               "data.channel_shuffle=0.5"]))
+        run(_config(synth_dir, tmp_path / "x", "tags.channel_shuffle=1.5", "tags.colour_words=[red]"))
+
+
+def test_the_library_knows_no_tag_settings(synth_dir):
+    # The tag section belongs to the example's config; `vlmkit train` refuses it as an unknown section.
+    from vlmkit.config import load_config
+
+    with pytest.raises(ConfigError, match="tags"):
+        load_config(None, [f"data.train={synth_dir / 'train.jsonl'}", "tags.channel_shuffle=0.5"])

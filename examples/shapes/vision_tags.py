@@ -1,9 +1,8 @@
-"""`train.stage: vision`: pre-train a vision encoder on its captions' words, before any LM sees it.
+"""The shapes example's first stage: pre-train a vision encoder on its captions' words, before any LM sees it.
 
 A pretrained CLIP or SigLIP tower comes with features worth reading. A tower trained from
 random weights inside a VLM does not: it learns only from what the language model's attention
-passes back, a weak signal while that attention is itself still forming (docs/design.md, "The
-from-scratch shapes example").
+passes back, a weak signal while that attention is itself still forming (examples/shapes/README.md).
 This stage gives the tower a direct one, from the same image-caption records the align stage
 uses: every output token scores every word of the caption vocabulary, and a log-sum-exp over
 the tokens pools the scores into one logit per word, trained to say which words the caption
@@ -12,9 +11,11 @@ is enough to claim an object, while a word that spans several tokens adds up the
 
 Captions that never pair some colour with some shape teach a tower shape detectors tied to the
 colours they were seen in: the shapes example's tower named the shape of 0.70 of the held-out pairs'
-objects and 0.99 of the others. `data.channel_shuffle` permutes the colour channels of a share
+objects and 0.99 of the others. `tags.channel_shuffle` permutes the colour channels of a share
 of the images (a green triangle turns red, blue or purple), with the loss on the colour words
-(`data.colour_words`) left out for them, which brought the held-out pairs to 0.98.
+(`tags.colour_words`) left out for them, which brought the held-out pairs to 0.98.
+
+Its config is `vlmkit train`'s (model, data, train) plus a `tags` section (`TagRunConfig`).
 
 Hand-written because no maintained library trains a transformers vision model on caption tags.
 The trained encoder is saved as a plain transformers checkpoint with its image normalisation,
@@ -27,6 +28,7 @@ import json
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +40,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 from transformers import ProgressCallback, Trainer, set_seed
 
-from vlmkit.config import LearningRates, RunConfig, to_yaml
+from vlmkit.config import LearningRates, RunConfig, load_config, to_yaml
 from vlmkit.data.records import Record, prepare_all, read_record_files
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.model import vision
@@ -57,6 +59,25 @@ MAX_POSITIVE_WEIGHT = 100.0
 # Every order of the three channels but the identity.
 CHANNEL_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 WORD = re.compile(r"[a-z0-9]+")
+PRETRAINED_TOWER_LR = 1e-4  # going on from a saved tower (model.vision); a random one trains at train.scratch_lr
+
+
+@dataclass
+class TagSettings:
+    # The chance that an image's colour channels are permuted, so that each shape is seen in
+    # colours its captions never pair it with; the `colour_words` tags are not trained on such
+    # an image (its colours are no longer the caption's).
+    channel_shuffle: float = 0.0
+    colour_words: list = field(default_factory=list)
+
+
+@dataclass
+class TagRunConfig(RunConfig):
+    tags: TagSettings = field(default_factory=TagSettings)
+
+
+def load_tag_config(path, overrides=()) -> TagRunConfig:
+    return load_config(path, overrides, root=TagRunConfig)
 
 
 def caption_words(record: Record) -> set[str]:
@@ -130,13 +151,13 @@ class TagDataset(Dataset):
 def _colour_tags(index: dict[str, int], channel_shuffle: float, colour_words: list[str]) -> list[int]:
     """The tag indices of `colour_words`, checked against the shuffle that needs them."""
     if not 0.0 <= channel_shuffle <= 1.0:
-        raise ConfigError(f"data.channel_shuffle is {channel_shuffle}; give a probability from 0 to 1")
+        raise ConfigError(f"tags.channel_shuffle is {channel_shuffle}; give a probability from 0 to 1")
     if channel_shuffle and not colour_words:
-        raise ConfigError("data.channel_shuffle needs data.colour_words: the words a shuffled image's caption "
+        raise ConfigError("tags.channel_shuffle needs tags.colour_words: the words a shuffled image's caption "
                           "no longer gets right (e.g. [red, green, blue])")
     missing = [word for word in colour_words if word.lower() not in index]
     if missing:
-        raise ConfigError(f"data.colour_words: {', '.join(missing)} not among the tags (words in "
+        raise ConfigError(f"tags.colour_words: {', '.join(missing)} not among the tags (words in "
                           f"{MIN_TAG_COUNT} or more captions); remove them or check the spelling")
     return [index[word.lower()] for word in colour_words]
 
@@ -163,19 +184,19 @@ class TowerTagger(nn.Module):
         return out
 
 
-def _check(cfg: RunConfig) -> None:
+def _check(cfg: TagRunConfig) -> None:
     """Refuse settings this stage would otherwise ignore."""
     if cfg.model.init_from or cfg.model.lm:
-        raise ConfigError("train.stage=vision trains a vision encoder alone: leave model.init_from and model.lm "
+        raise ConfigError("the vision stage trains a vision encoder alone: leave model.init_from and model.lm "
                           "unset (give model.vision_config, or model.vision to go on from a checkpoint)")
     unsupported = {"data.eval": cfg.data.eval, "lora.enabled": cfg.lora.enabled, "train.packing": cfg.train.packing,
                    "model.slicing": cfg.model.slicing, "train.fsdp": cfg.train.fsdp,
                    "train.deepspeed": cfg.train.deepspeed,
                    "train.gradient_checkpointing": cfg.train.gradient_checkpointing,
-                   "train.time_budget": cfg.train.time_budget, "data.blank_image_rate": cfg.data.blank_image_rate}
+                   "train.time_budget": cfg.train.time_budget}
     given = [name for name, value in unsupported.items() if value]
     if given:
-        raise ConfigError(f"train.stage=vision does not support {', '.join(given)}; unset them (the stage trains one "
+        raise ConfigError(f"the vision stage does not support {', '.join(given)}; unset them (the stage trains one "
                           "whole-image view of a small encoder, on one process or with DDP)")
 
 
@@ -191,12 +212,12 @@ def _vocabulary(records: list[Record], out: Path, resuming: bool) -> tuple[list[
     return vocabulary, positive_weight
 
 
-def run_vision_stage(cfg: RunConfig, log=print) -> Path:
+def run_vision_stage(cfg: TagRunConfig, log=print) -> Path:
     """Train the tower on caption tags; save it where `model.vision` can load it."""
     _check(cfg)
     out = Path(cfg.train.output_dir)
     set_seed(cfg.train.seed)
-    log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
+    log(f"vision stage: configuration\n{to_yaml(cfg)}")
     distributed.check(cfg.train)
     checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)
@@ -206,14 +227,16 @@ def run_vision_stage(cfg: RunConfig, log=print) -> Path:
                                     image_size=cfg.model.image_size)
     vocabulary, positive_weight = _vocabulary(records, out, checkpoint is not None)
     model = TowerTagger(tower, encode_config, len(vocabulary), positive_weight)
-    lr = cfg.train.learning_rates(frozenset({"vision"} if random else ())).vision
+    lr = cfg.train.lr.vision
+    if lr is None:
+        lr = cfg.train.scratch_lr if random else PRETRAINED_TOWER_LR
     if not lr:
         raise ConfigError("train.lr.vision is 0 in the vision stage: nothing would train")
     args = training_arguments(cfg, LearningRates(vision=lr, projector=0.0, lm=0.0), False)
     args.include_num_input_tokens_seen = "no"  # images, not tokens
     image_processor = tower_image_processor(cfg.model, encode_config)
     dataset = TagDataset(records, vocabulary, image_processor, cfg.data.max_pixels, cfg.data.skip_bad,
-                         cfg.data.channel_shuffle, cfg.data.colour_words)
+                         cfg.tags.channel_shuffle, cfg.tags.colour_words)
     skipped = bad_lines + dataset.skipped
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.remove_callback(ProgressCallback)
