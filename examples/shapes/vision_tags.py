@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,17 +37,16 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
-from transformers import ProgressCallback, Trainer, set_seed
+from transformers import Trainer
 
-from vlmkit.config import LearningRates, RunConfig, load_config, to_yaml
+from vlmkit.config import LearningRates, RunConfig, load_config
 from vlmkit.data.records import Record, prepare_all, read_record_files
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.model import vision
 from vlmkit.model.build import build_vision_tower, tower_image_processor
 from vlmkit.processing.images import open_image
-from vlmkit.train import distributed
-from vlmkit.train.progress import ProgressBar
-from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, last_checkpoint, training_arguments
+from vlmkit.train import stage
+from vlmkit.train.trainer import training_arguments
 
 HEAD_FILE = "tag_head.safetensors"  # the trained head, written beside the tower with TAGS_FILE
 TAGS_FILE = "tags.json"
@@ -215,11 +213,7 @@ def _vocabulary(records: list[Record], out: Path, resuming: bool) -> tuple[list[
 def run_vision_stage(cfg: TagRunConfig, log=print) -> Path:
     """Train the tower on caption tags; save it where `model.vision` can load it."""
     _check(cfg)
-    out = Path(cfg.train.output_dir)
-    set_seed(cfg.train.seed)
-    log(f"vision stage: configuration\n{to_yaml(cfg)}")
-    distributed.check(cfg.train)
-    checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
+    out, checkpoint = stage.begin(cfg, "vision stage", log)
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)
     tower, random = build_vision_tower(cfg.model)
     encode_config = SimpleNamespace(vision_config=tower.config, vision_feature_layer=cfg.model.vision_feature_layer,
@@ -239,24 +233,14 @@ def run_vision_stage(cfg: TagRunConfig, log=print) -> Path:
                          cfg.tags.channel_shuffle, cfg.tags.colour_words)
     skipped = bad_lines + dataset.skipped
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBar())
     log(f"vision stage: {len(dataset)} images, {len(vocabulary)} tags, learning rate {lr}")
 
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - start
-    if trainer.is_world_process_zero():
-        save_tower(trainer.model, image_processor, out)  # beside the tags written before training
-        (out / CONFIG_FILE).write_text(to_yaml(cfg))
-        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
-                   "n_train": len(dataset),
-                   "skipped_records": len(skipped), "n_params": sum(p.numel() for p in tower.parameters()),
-                   "n_tags": len(vocabulary), "metrics": dict(result.metrics)}
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        if skipped:
-            log(f"skipped {len(skipped)} bad record(s) (--skip-bad); the first: {skipped[0]}")
-        log(f"saved the vision encoder to {out} ({summary['steps']} steps in {train_seconds:.0f}s)")
+    result, seconds = stage.fit(trainer, checkpoint)
+    summary = {"n_train": len(dataset), "skipped_records": len(skipped),
+               "n_params": sum(p.numel() for p in tower.parameters()), "n_tags": len(vocabulary),
+               "metrics": dict(result.metrics)}
+    save = lambda t: save_tower(t.model, image_processor, out) if t.is_world_process_zero() else None
+    stage.finish(trainer, cfg, out, seconds, summary, log, save=save, skipped=skipped, what="the vision encoder")
     return out
 
 

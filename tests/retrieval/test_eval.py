@@ -10,10 +10,11 @@ from tests.retrieval.conftest import make_retriever
 from vlmkit.data.page_store import PageStore
 from vlmkit.errors import DataError
 from vlmkit.eval import retrieval as ev
+from vlmkit.model.retriever import score
 
 
 def _brute_force(queries, docs, k):
-    scores = ev.score(queries.float(), docs.float())
+    scores = score(queries.float(), docs.float())
     out = []
     for row in scores.tolist():
         out.append(sorted(range(len(row)), key=lambda i: (-row[i], i))[:k])

@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmkit.cli import main
-from vlmkit.train.run import SUMMARY_FILE
+from vlmkit.train.trainer import SUMMARY_FILE
 
 
 def _write_llava_style_data(folder):

@@ -6,7 +6,7 @@ import pytest
 
 from tests.train.test_training import make_config, quiet
 from vlmkit.errors import ConfigError
-from vlmkit.train import run as run_module
+from vlmkit.train import stage as stage_module
 from vlmkit.train import time_budget
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.run import run
@@ -42,7 +42,7 @@ def test_training_stops_when_the_budget_is_spent(synth_dir, tmp_path, monkeypatc
             shown.append(dict(logs or {}))
             return super().on_log(args, state, control, logs=logs, **kwargs)
 
-    monkeypatch.setattr(run_module, "ProgressBar", RecordingBar)
+    monkeypatch.setattr(stage_module, "ProgressBar", RecordingBar)
     out = tmp_path / "budget"
     run(make_config(synth_dir, out, max_steps=500, time_budget=20.0, warmup=0.1, save_steps=1000), log=quiet)
     summary = json.loads((out / "train_summary.json").read_text())

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlmkit.data.records import Record, prepare_all, read_records
-from vlmkit.errors import ConfigError, DataError
+from vlmkit.errors import DataError
 from vlmkit.processing.image_processing import concat_image_inputs
 from vlmkit.processing.images import open_image
 from vlmkit.processing.processor import IGNORE_INDEX, VLMProcessor

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from vlmkit.data.page_store import PageStore
 from vlmkit.errors import DataError
 from vlmkit.eval.exact_search import search_topk as search  # exact top-k, ties to the lower index
-from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs, score
+from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs
 from vlmkit.processing.processor import VLMProcessor
 
 # Our metric names -> trec_eval's. Runs are cut at 10 before scoring, so reciprocal rank is MRR@10.

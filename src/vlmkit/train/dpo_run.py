@@ -10,17 +10,13 @@ written to `train_summary.json`.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-from transformers import ProgressCallback, set_seed
-
-from vlmkit.config import RunConfig, to_yaml
+from vlmkit.config import RunConfig
 from vlmkit.data.preferences import read_preferences
 from vlmkit.data.records import read_record_files
 from vlmkit.errors import ConfigError
-from vlmkit.train import distributed, lora
+from vlmkit.train import lora, stage
 from vlmkit.train.dpo import (
     DPOTrainer,
     PairCollator,
@@ -29,24 +25,18 @@ from vlmkit.train.dpo import (
     preference_accuracy,
     score_pairs,
 )
-from vlmkit.train.progress import ProgressBar
 from vlmkit.train.run import prepare_model
-from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, last_checkpoint, training_arguments
+from vlmkit.train.trainer import training_arguments
 
 
 def run_dpo(cfg: RunConfig, log=print) -> Path:
     """Train with DPO as configured; returns the directory of the saved model."""
     if not cfg.data.train:
         raise ConfigError("no preference data: give --train-data or data.train (see `vlmkit data preferences`)")
-    out = Path(cfg.train.output_dir)
-    set_seed(cfg.train.seed)
-    log(f"vlmkit dpo: configuration\n{to_yaml(cfg)}")
-    distributed.check(cfg.train)
-
+    out, checkpoint = stage.begin(cfg, "vlmkit dpo", log)
     # Every record is checked before the model is built.
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad, reader=read_preferences)
     eval_records = read_preferences(cfg.data.eval, skip_bad=cfg.data.skip_bad)[0] if cfg.data.eval else None
-    checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
     model, processor, rates = prepare_model(cfg, records, checkpoint, log)
     log(f"DPO beta {cfg.dpo.beta}")
 
@@ -58,8 +48,6 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
     trainer = DPOTrainer(model=model, args=training_arguments(cfg, rates, has_eval=False), train_dataset=train_set,
                          data_collator=collator, processing_class=processor, learning_rates=rates,
                          time_budget=cfg.train.time_budget, beta=cfg.dpo.beta)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBar())
 
     # The starting model's scores are the reference (the Trainer has put the model on its device by now).
     reference = score_pairs(trainer.model, train_set, collator, cfg.train.batch_size)
@@ -68,9 +56,7 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
     if eval_set is not None:
         metrics["eval_preference_accuracy_before"] = preference_accuracy(score_pairs(trainer.model, eval_set, collator))
 
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - start
+    result, seconds = stage.fit(trainer, checkpoint)
     metrics.update(result.metrics)
     after = score_pairs(trainer.model, train_set, collator)
     metrics["train_preference_accuracy_after"] = preference_accuracy(after)
@@ -78,16 +64,9 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
     if eval_set is not None:
         metrics["eval_preference_accuracy_after"] = preference_accuracy(score_pairs(trainer.model, eval_set, collator))
 
-    if cfg.lora.enabled:
-        lora.save(trainer, cfg.lora, out)
-    else:
-        trainer.save_model(str(out))
+    summary = {"n_pairs": len(train_set), "skipped_records": len(train_set.skipped), "metrics": metrics}
+    stage.finish(trainer, cfg, out, seconds, summary, log, skipped=train_set.skipped,
+                 save=(lambda t: lora.save(t, cfg.lora, out)) if cfg.lora.enabled else None)
     if trainer.is_world_process_zero():
-        (out / CONFIG_FILE).write_text(to_yaml(cfg))
-        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
-                   "n_pairs": len(train_set),
-                   "skipped_records": len(train_set.skipped), "metrics": metrics}
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        accuracy = {k: round(v, 3) for k, v in metrics.items() if "preference_accuracy" in k}
-        log(f"saved model to {out} ({summary['steps']} steps in {train_seconds:.0f}s); preference accuracy {accuracy}")
+        log(f"preference accuracy { {k: round(v, 3) for k, v in metrics.items() if 'preference_accuracy' in k} }")
     return out

@@ -11,13 +11,12 @@ The config (`RetrieverRunConfig` in vlmkit/config.py) has the sections of `vlmki
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, ProgressCallback, set_seed
+from transformers import AutoTokenizer
 
-from vlmkit.config import RetrieverRunConfig, load_retriever_config, to_yaml
+from vlmkit.config import RetrieverRunConfig, load_retriever_config
 from vlmkit.data.page_store import PageStore
 from vlmkit.data.pairs import PairBatches, check_ids, read_pairs
 from vlmkit.errors import ConfigError
@@ -29,14 +28,11 @@ from vlmkit.model.retriever import (
     encode_inputs,
 )
 from vlmkit.processing.processor import VLMProcessor
-from vlmkit.train import distributed
+from vlmkit.train import stage
 from vlmkit.train.contrastive import RetrieverTrainer
-from vlmkit.train.progress import ProgressBar
-from vlmkit.train.trainer import last_checkpoint, training_arguments
-from vlmkit.train.trainer import apply_learning_rates
+from vlmkit.train.trainer import SUMMARY_FILE, apply_learning_rates, training_arguments
 
 CONFIG_FILE = "vlmkit_retriever.yaml"
-SUMMARY_FILE = "train_summary.json"
 
 
 class PageBatchCollator:
@@ -93,18 +89,11 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
         raise ConfigError("retriever training needs --train-data PAIRS.jsonl and --docs STORE.h5")
     if cfg.retrieval.grad_cache and cfg.retrieval.grad_cache_micro_batch_size < 1:
         raise ConfigError("retrieval.grad_cache_micro_batch_size must be at least 1")
-    out = Path(cfg.train.output_dir)
-    set_seed(cfg.train.seed)
-    log(f"vlmkit retriever train: configuration\n{to_yaml(cfg)}")
-    distributed.check(cfg.train)
-
+    out, checkpoint = stage.begin(cfg, "vlmkit retriever train", log)
     pairs = read_pairs(cfg.data.train)
     store = PageStore(cfg.data.docs)
     check_ids(pairs, store.index.keys(), cfg.data.train, cfg.data.docs)
     # Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
-    checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
-    if cfg.train.resume and checkpoint is None:
-        log(f"no checkpoint in {out}; starting from the beginning")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
     model, processor, random_modules = build_retriever(cfg, lambda: [p.query for p in pairs], tokenizer)
     rates = cfg.train.learning_rates(random_modules)
@@ -112,21 +101,11 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
     log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
 
     trainer = make_trainer(cfg, model, processor, pairs, store, rates)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBar())
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - start
-
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        (out / CONFIG_FILE).write_text(to_yaml(cfg))
-        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
-                   "n_params": sum(p.numel() for p in model.parameters()), "n_pairs": len(pairs),
-                   "batches_per_epoch": len(trainer.train_dataset), "metrics": dict(result.metrics),
-                   "cuda": torch.cuda.is_available()}
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        log(f"saved retriever to {out} ({summary['steps']} steps in {train_seconds:.0f}s)")
+    result, seconds = stage.fit(trainer, checkpoint)
+    summary = {"n_params": sum(p.numel() for p in model.parameters()), "n_pairs": len(pairs),
+               "batches_per_epoch": len(trainer.train_dataset), "metrics": dict(result.metrics),
+               "cuda": torch.cuda.is_available()}
+    stage.finish(trainer, cfg, out, seconds, summary, log, what="retriever", config_file=CONFIG_FILE)
     return out
 
 

@@ -6,13 +6,11 @@ loads with `vlmkit eval/chat` and with transformers' Auto classes.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-from transformers import AutoTokenizer, ProgressCallback, set_seed
+from transformers import AutoTokenizer
 
-from vlmkit.config import RunConfig, to_yaml
+from vlmkit.config import RunConfig
 from vlmkit.data.dataset import Collator, ConversationDataset, VideoSettings
 from vlmkit.data.packing import PackedCollator
 from vlmkit.data.records import IMAGE_MARKER, VIDEO_MARKER, read_record_files
@@ -21,10 +19,8 @@ from vlmkit.model.build import build
 from vlmkit.model.feature_cache import FeatureCache
 from vlmkit.model import projector_scale
 from vlmkit.processing.image_processing import concat_image_inputs
-from vlmkit.train import distributed, lora
-from vlmkit.train.progress import ProgressBar
-from vlmkit.train.trainer import (CONFIG_FILE, SUMMARY_FILE, VLMTrainer, apply_learning_rates, last_checkpoint,
-                                  training_arguments)
+from vlmkit.train import lora, stage
+from vlmkit.train.trainer import VLMTrainer, apply_learning_rates, training_arguments
 
 CALIBRATION_RECORDS = 16  # the first records with images: enough for a mean norm, seconds of encoding
 
@@ -88,14 +84,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         raise ConfigError("no training data: give --train-data or data.train")
     if cfg.train.stage == "dpo":
         raise ConfigError("train.stage=dpo trains on preference records: run `vlmkit dpo` (vlmkit.train.dpo_run)")
-    out = Path(cfg.train.output_dir)
-    set_seed(cfg.train.seed)
-    log(f"vlmkit train: configuration\n{to_yaml(cfg)}")
-    distributed.check(cfg.train)
-
-    checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
-    if cfg.train.resume and checkpoint is None:
-        log(f"no checkpoint in {out}; starting from the beginning")
+    out, checkpoint = stage.begin(cfg, "vlmkit train", log)
     records, bad_lines = read_record_files(cfg.data.train, cfg.data.skip_bad)
     model, processor, rates = prepare_model(cfg, records, checkpoint, log)
 
@@ -120,28 +109,14 @@ def run(cfg: RunConfig, log=print) -> Path:
         optimizer_name=cfg.train.optimizer,
         lm_start=cfg.train.lm_start,
     )
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBar())
-
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - start
+    result, seconds = stage.fit(trainer, checkpoint)
     metrics = dict(result.metrics)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
 
-    if cfg.lora.enabled:
-        lora.save(trainer, cfg.lora, out)
-    else:
-        trainer.save_model(str(out))  # weights (safetensors), config and processor
-    if trainer.is_world_process_zero():
-        (out / CONFIG_FILE).write_text(to_yaml(cfg))
-        skipped = train_set.skipped + (eval_set.skipped if eval_set else [])
-        summary = {"train_seconds": train_seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16,
-                   "n_params": sum(p.numel() for p in model.parameters()), "n_train": len(train_set),
-                   "skipped_records": len(skipped), "metrics": metrics}
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        if skipped:
-            log(f"skipped {len(skipped)} bad record(s) (--skip-bad); the first: {skipped[0]}")
-        log(f"saved model to {out} ({summary['steps']} steps in {train_seconds:.0f}s)")
+    skipped = train_set.skipped + (eval_set.skipped if eval_set else [])
+    summary = {"n_params": sum(p.numel() for p in model.parameters()), "n_train": len(train_set),
+               "skipped_records": len(skipped), "metrics": metrics}
+    stage.finish(trainer, cfg, out, seconds, summary, log, skipped=skipped,
+                 save=(lambda t: lora.save(t, cfg.lora, out)) if cfg.lora.enabled else None)
     return out

@@ -1,0 +1,61 @@
+"""The sequence every training command shares: set up, train, save, summarise.
+
+`vlmkit train`, `vlmkit dpo` and `vlmkit retriever train` (and the shapes example's tag stage)
+differ in the data, the model and the Trainer they build, and in what they measure around
+training; the steps before and after are these three functions, so a run of any of them
+prints its resolved config, resumes, reports progress and writes its folder the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from transformers import ProgressCallback, Trainer, set_seed
+from transformers.trainer_utils import TrainOutput
+
+from vlmkit.config import to_yaml
+from vlmkit.train import distributed
+from vlmkit.train.progress import ProgressBar
+from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, last_checkpoint
+
+
+def begin(cfg, command: str, log=print) -> tuple[Path, str | None]:
+    """Seed, print the resolved config, check the engine settings; the output folder and the
+    checkpoint to resume from (None: from the beginning)."""
+    out = Path(cfg.train.output_dir)
+    set_seed(cfg.train.seed)
+    log(f"{command}: configuration\n{to_yaml(cfg)}")
+    distributed.check(cfg.train)
+    checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
+    if cfg.train.resume and checkpoint is None:
+        log(f"no checkpoint in {out}; starting from the beginning")
+    return out, checkpoint
+
+
+def fit(trainer: Trainer, checkpoint: str | None) -> tuple[TrainOutput, float]:
+    """Train with vlmkit's progress bar; the Trainer's result and the seconds training took."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    return result, time.perf_counter() - start
+
+
+def finish(trainer: Trainer, cfg, out: Path, seconds: float, summary: dict, log=print, *,
+           save: Callable[[Trainer], None] | None = None, skipped: list = (), what: str = "model",
+           config_file: str = CONFIG_FILE) -> dict:
+    """Save the model (`save`, else the Trainer's own: safetensors, config, processor), then on the
+    main process the resolved config and `train_summary.json`: seconds, steps and precision, then
+    `summary`. Returns the summary written."""
+    (save or (lambda t: t.save_model(str(out))))(trainer)
+    summary = {"train_seconds": seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16, **summary}
+    if trainer.is_world_process_zero():
+        (out / config_file).write_text(to_yaml(cfg))
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        if skipped:
+            log(f"skipped {len(skipped)} bad record(s) (--skip-bad); the first: {skipped[0]}")
+        log(f"saved {what} to {out} ({summary['steps']} steps in {seconds:.0f}s)")
+    return summary
