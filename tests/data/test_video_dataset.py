@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import tiny_model_config
-from tests.processing.test_video import write_video
+from tests.processing.helpers import write_video
 from vlmkit.data.dataset import Collator, ConversationDataset, VideoSettings
 from vlmkit.data.records import read_records
 from vlmkit.model.build import build

@@ -9,7 +9,7 @@ from importlib import resources
 
 import pytest
 
-from tests.finetune.test_ddp import losses, vlmkit, write_config
+from tests.finetune.helpers import losses, vlmkit, write_config
 from vlmkit.model.modeling import VLMForConditionalGeneration
 
 pytestmark = pytest.mark.slow

@@ -14,19 +14,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import tiny_model_config
+from tests.processing.helpers import EPS  # a complete EPS file: PIL opens it, decoding it would run Ghostscript
 from vlmkit.data.dataset import ConversationDataset
 from vlmkit.errors import DataError
 from vlmkit.processing.images import ALLOWED_FORMATS, MAX_ASPECT_RATIO, open_image
-
-# A complete EPS file: PIL opens it, and decoding it would hand it to Ghostscript (`gs`).
-EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
-%%BoundingBox: 0 0 16 16
-%%EndComments
-newpath 0 0 moveto 16 16 lineto stroke
-showpage
-%%EOF
-"""
-
 
 def encoded(image_format: str, size=(16, 12)) -> bytes:
     buffer = io.BytesIO()

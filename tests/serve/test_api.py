@@ -37,7 +37,7 @@ from openai.types import CreateEmbeddingResponse, Model  # noqa: E402
 from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
 from openai.types.shared import ErrorObject  # noqa: E402
 
-from tests.processing.test_images import EPS  # noqa: E402
+from tests.processing.helpers import EPS  # noqa: E402
 from vlmkit.serve.api import background_server, create_app  # noqa: E402
 from vlmkit.serve.generation import GenerationSettings, stream_reply  # noqa: E402
 from vlmkit.serve.openai_schema import MAX_STOP_CHARS  # noqa: E402

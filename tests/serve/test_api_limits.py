@@ -28,7 +28,7 @@ from PIL import Image
 
 pytest.importorskip("openai", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-from tests.processing.test_images import EPS  # noqa: E402
+from tests.processing.helpers import EPS  # noqa: E402
 from vlmkit.processing.images import MAX_ASPECT_RATIO  # noqa: E402
 from vlmkit.serve.api import MAX_BODY_BYTES, background_server, create_app  # noqa: E402
 from vlmkit.serve.openai_schema import MAX_CHARS_PER_TOKEN, ApiError, EmbeddingRequest, embedding_texts  # noqa: E402

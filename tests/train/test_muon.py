@@ -5,14 +5,7 @@ grouped Muon steps as torch's own."""
 import pytest
 import torch
 
-from tests.train.test_training import (  # noqa: F401 (recorder is a fixture)
-    Interrupted,
-    InterruptAfter,
-    make_config,
-    quiet,
-    recorder,
-    run_module,
-)
+from tests.train.helpers import Interrupted, InterruptAfter, make_config, quiet, run_module
 from vlmkit.config import TrainConfig
 from vlmkit.errors import ConfigError
 from vlmkit.train import muon

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.train.test_training import make_config, quiet
+from tests.train.helpers import make_config, quiet
 from vlmkit.errors import ConfigError
 from vlmkit.train import stage as stage_module
 from vlmkit.train import time_budget

@@ -1,72 +1,19 @@
-"""Training: gradient accumulation, exact resume, seeded losses and per-module learning rates.
+"""Training: gradient accumulation, exact resume, seeded losses and per-module learning rates
+(the `recorder` fixture is in this folder's conftest.py)."""
 
-`run(cfg)` builds its VLMTrainer internally, so the tests swap in a subclass (same behaviour)
-that remembers each trainer, its initial weights, the loss and inputs of every micro-batch,
-and can carry extra callbacks.
-"""
-
-import importlib
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from tests.conftest import tiny_model_config
+from tests.train.helpers import Interrupted, InterruptAfter, make_config, quiet, run_module
 from vlmkit.config import STAGE_LEARNING_RATES, LearningRates, load_config
 from vlmkit.data.dataset import Collator, ConversationDataset
 from vlmkit.data.records import read_records
-from vlmkit.errors import ConfigError
 from vlmkit.processing.processor import IGNORE_INDEX
-from vlmkit.train.trainer import VLMTrainer, module_of
-
-run_module = importlib.import_module("vlmkit.train.run")
-
-
-def _clone(state: dict) -> dict:
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-@pytest.fixture
-def recorder(monkeypatch):
-    rec = SimpleNamespace(trainers=[], callbacks=[])
-
-    class RecordingTrainer(VLMTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.initial_state = _clone(self.model.state_dict())
-            self.losses, self.num_items, self.samples, self.supervised = [], [], [], []
-            for callback in rec.callbacks:
-                self.add_callback(callback)
-            rec.trainers.append(self)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            self.losses.append((out[0] if return_outputs else out).item())
-            self.num_items.append(None if num_items_in_batch is None else int(num_items_in_batch))
-            mask = inputs["attention_mask"].bool()
-            self.samples.append([tuple(row[m].tolist()) for row, m in zip(inputs["input_ids"], mask)])
-            self.supervised.append(int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()))
-            return out
-
-    monkeypatch.setattr(run_module, "VLMTrainer", RecordingTrainer)
-    return rec
-
-
-def make_config(synth_dir, out, **train):
-    cfg = load_config(None, ["train.report_to=[]", "train.warmup=0", "train.logging_steps=1", "train.batch_size=2"])
-    cfg.data.train = str(synth_dir / "train.jsonl")
-    cfg.train.output_dir = str(out)
-    cfg.model = tiny_model_config()
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg
-
-
-def quiet(*args, **kwargs):
-    pass
+from vlmkit.train.trainer import module_of
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -148,21 +95,6 @@ def test_trainer_batch_4_equals_batch_2_with_2_accumulation_steps(synth_dir, tmp
 
 
 # --- b. resume ------------------------------------------------------------------------------------
-
-
-class Interrupted(Exception):
-    pass
-
-
-class InterruptAfter(TrainerCallback):
-    """Simulates a crash: raises when the step after `step` begins (its checkpoint is written by then)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupted(f"interrupted after step {self.step}")
 
 
 def test_resuming_from_a_checkpoint_ends_with_the_same_weights(synth_dir, tmp_path, recorder):
