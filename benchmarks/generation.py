@@ -29,7 +29,7 @@ from PIL import Image
 from train_throughput import DATA_RECORDS, build_for_training
 from transformers import LlavaForConditionalGeneration
 
-from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.export.llava import save_llava
 
 QUESTION = "Describe the picture."

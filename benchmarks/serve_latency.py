@@ -43,10 +43,9 @@ QUESTION = "Describe the picture."
 def untrained_demo_model(out: Path) -> Path:
     """`make demo`'s model before training (demo-align.yaml: pretrained parts, a new projector), saved to `out`."""
     from vlmkit.config import load_config
-    from vlmkit.demo import recipe
     from vlmkit.model.build import build
 
-    cfg = load_config(recipe("demo-align"), []).model
+    cfg = load_config("demo-align", []).model
     torch.manual_seed(0)
     words = "a red circle left of a blue square above the small green triangle with text".split()
     built = build(cfg, training_texts=lambda: [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20)

@@ -7,19 +7,19 @@ import pytest
 import yaml
 
 from vlmkit.config import RunConfig, load_config
-from vlmkit.demo import recipe
+from vlmkit.recipes import recipe_path
 from vlmkit.errors import ConfigError
 
 
 def test_scratch_recipe_spells_out_every_default_key_by_key():
     # The file as written, not merged over the defaults: a key missing from it is a failure too.
-    written = yaml.safe_load(Path(recipe("scratch")).read_text())
+    written = yaml.safe_load(Path(recipe_path("scratch")).read_text())
     assert written == dataclasses.asdict(RunConfig())
 
 
 @pytest.mark.parametrize("name", ["demo-align", "demo-sft"])
 def test_demo_recipes_load(name):
-    cfg = load_config(recipe(name))
+    cfg = load_config(name)
     assert cfg.data.train and cfg.train.max_steps > 0
 
 

@@ -20,11 +20,13 @@ import yaml
 from vlmkit.errors import ConfigError
 from vlmkit.recipes import recipe_path
 
-TINY_VISION = {
+# The built-in defaults' from-scratch tower and LM (`configs/scratch.yaml`); `vlmkit train --tiny`
+# shrinks other families with its own sizes (recipes.py).
+SCRATCH_VISION = {
     "model_type": "clip_vision_model", "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 3,
     "num_attention_heads": 3, "image_size": 64, "patch_size": 8,
 }
-TINY_TEXT = {
+SCRATCH_TEXT = {
     "model_type": "llama", "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 2,
     "num_attention_heads": 3, "num_key_value_heads": 3, "max_position_embeddings": 1024, "tie_word_embeddings": True,
 }
@@ -37,8 +39,8 @@ class ModelConfig:
     init_from: str | None = None  # a saved vlmkit model directory (e.g. the align stage's output)
     vision: str | None = None  # local CLIP / SigLIP / SigLIP2 checkpoint; None: build from vision_config
     lm: str | None = None  # local causal-LM checkpoint; None: build from text_config
-    vision_config: dict = field(default_factory=lambda: dict(TINY_VISION))
-    text_config: dict = field(default_factory=lambda: dict(TINY_TEXT))
+    vision_config: dict = field(default_factory=lambda: dict(SCRATCH_VISION))
+    text_config: dict = field(default_factory=lambda: dict(SCRATCH_TEXT))
     projector: str = "mlp"
     projector_args: dict = field(default_factory=dict)
     vision_feature_layer: int | list = -1  # or a list of layers, concatenated (as LLaVA takes a list)
@@ -247,6 +249,9 @@ def _from_dict(cls, data: dict, where: str):
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), root: type = RunConfig):
     """Defaults, then the YAML file (if any), then `section.key=value` overrides, in that order.
+
+    Hand-written over PyYAML: OmegaConf's structured configs take no unions but Optional, and
+    these fields are unions (`data.train`: a path or a list; `train.bf16`: a bool or "auto").
 
     `root` is the dataclass of the whole config: `RunConfig` for `vlmkit train`, another one
     for other commands (the retriever's) that share the sections and this reading.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from importlib import resources
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,11 +45,6 @@ QUICK_OVERRIDES = ["train.max_steps=4", "train.batch_size=4", "train.save_steps=
 SAMPLE_ANSWERS = 8
 
 
-def recipe(name: str) -> Path:
-    """Path of a config shipped with vlmkit (vlmkit/configs/NAME.yaml)."""
-    return Path(str(resources.files("vlmkit") / "configs" / f"{name}.yaml"))
-
-
 def ensure_data(data: Path, sizes: dict) -> None:
     info = data / "info.json"
     written = json.loads(info.read_text()) if info.is_file() else {}
@@ -63,7 +57,7 @@ def ensure_data(data: Path, sizes: dict) -> None:
 
 def _train_stage(name: str, data: Path, out: Path, quick: bool, *overrides: str) -> dict:
     overrides = [f"train.output_dir={out}", *overrides, *(QUICK_OVERRIDES if quick else [])]
-    cfg = load_config(recipe(f"demo-{name}"), overrides)
+    cfg = load_config(f"demo-{name}", overrides)
     cfg.data.train = str(data / Path(cfg.data.train).name)  # the recipes name split files of the data folder
     run(cfg)
     return json.loads((out / SUMMARY_FILE).read_text())
@@ -83,7 +77,7 @@ def _evaluate(model, processor, data: Path, out: Path) -> dict:
 
 def _language_check(model, processor) -> dict:
     """Perplexity on held-out text and text-only answers, of the trained model and of its base LM."""
-    base_dir = checkpoint_dir(load_config(recipe("demo-align")).model.lm, "lm")
+    base_dir = checkpoint_dir(load_config("demo-align").model.lm, "lm")
     base, base_tokenizer = AutoModelForCausalLM.from_pretrained(base_dir).eval(), AutoTokenizer.from_pretrained(base_dir)
     paragraphs = language.heldout_paragraphs()
     return {

@@ -5,7 +5,7 @@ import torch
 
 from vlmkit.config import TrainConfig, load_config
 from vlmkit.errors import ConfigError
-from vlmkit.train import distributed, precision
+from vlmkit.train import precision
 from vlmkit.train.trainer import training_arguments
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="the CPU's rule")
@@ -71,7 +71,7 @@ def test_auto_on_a_gpu_takes_bf16_where_it_is_native(monkeypatch, native, expect
 @pytest.mark.parametrize("value", ["yes-please", "AUTO", 1])
 def test_other_values_are_refused_with_the_field_named(value):
     with pytest.raises(ConfigError, match="train.bf16 must be true, false or 'auto'"):
-        distributed.check(TrainConfig(bf16=value))
+        precision.check(TrainConfig(bf16=value).bf16)
 
 
 def test_auto_reads_from_yaml_and_overrides():

@@ -4,8 +4,8 @@ Rows hold up to `capacity` tokens (`train.packing_length`), filled first-fit, lo
 first; by default, as many as the batch's longest sample, so a packed batch never attends
 over longer rows than the padded one would -- it just has fewer rows and less padding.
 Longer rows pack tighter but cost more attention: sdpa on a CPU computes each row's full
-(masked) square. A sample longer than the capacity gets a row of its own. Position ids restart at 0 for every sample, and no attention mask or cache is
-used; from that transformers builds attention confined to each sample -- a block-diagonal
+(masked) square. A sample longer than the capacity gets a row of its own. Position ids
+restart at 0 for every sample, and no attention mask or cache is used; from that transformers builds attention confined to each sample -- a block-diagonal
 causal mask for sdpa/eager, variable-length kernels for flash attention -- so a packed row
 computes exactly what its samples would alone. A row's padding is one more such "sample"
 with no labels. Samples are never cut, so an image's placeholder tokens stay in one piece;
@@ -13,6 +13,10 @@ the crops are reordered to follow their placeholders row by row.
 
 The loss of a packed batch is the mean over its supervised tokens, the same as the padded
 batch's; only the work on padding goes away.
+
+Not transformers' `DataCollatorWithFlattening`: it lays the whole batch in one row, whose
+attention square (batch x length, squared) a CPU's sdpa computes in full, and it knows nothing
+of the crops that must follow their placeholders.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from vlmkit.data.page_store import PageStore
 from vlmkit.data.pairs import Pair, split_by_document, write_pairs
-from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import DataError
 from vlmkit.model.generation import generate_batch
 

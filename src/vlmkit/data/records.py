@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Iterator
 
 from vlmkit.errors import DataError
+from vlmkit.processing.markers import IMAGE_MARKER, VIDEO_MARKER
 
-IMAGE_MARKER = "<image>"
-VIDEO_MARKER = "<video>"
 ROLES = ("system", "user", "assistant")
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

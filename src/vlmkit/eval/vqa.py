@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vlmkit.data.records import IMAGE_MARKER, Record
+from vlmkit.data.records import Record
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.model.generation import generate_batch
 from vlmkit.processing.images import blank_like, open_image
 from vlmkit.processing.processor import VLMProcessor

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.masking_utils import create_bidirectional_mask
 
-from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import ConfigError
 from vlmkit.model.configuration import VLMConfig
 from vlmkit.model.modeling import VLMForConditionalGeneration, VLMPreTrainedModel

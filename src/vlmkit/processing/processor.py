@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import ProcessorMixin
 from transformers.image_processing_base import BatchFeature
 
-from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import DataError
 from vlmkit.model.tokens import IGNORE_INDEX, num_image_tokens
 from vlmkit.processing import slicing

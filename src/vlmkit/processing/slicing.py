@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.processing.images import DEFAULT_MIN_SIDE
 

@@ -15,7 +15,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER
 
 PAD_TOKEN = "<|endoftext|>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlmkit.data.records import IMAGE_MARKER, VIDEO_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER, VIDEO_MARKER
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.processing.images import DEFAULT_MAX_PIXELS
 

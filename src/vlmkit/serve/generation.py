@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
-from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import ConfigError
 
 

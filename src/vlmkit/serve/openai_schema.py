@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from openai.types.shared import ErrorObject
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import VlmkitError
 from vlmkit.processing.images import open_image
 from vlmkit.serve.engine import Job

@@ -17,7 +17,7 @@ from pathlib import Path
 from vlmkit.config import TrainConfig
 from vlmkit.errors import ConfigError
 from vlmkit.recipes import shipped_config
-from vlmkit.train import muon, precision, time_budget
+from vlmkit.train import precision
 
 
 def _world_size() -> int:
@@ -78,9 +78,6 @@ def check(t: TrainConfig) -> None:
     is replaced by that file's path here, before the Trainer reads it."""
     if t.deepspeed and t.fsdp:
         raise ConfigError("train.deepspeed and train.fsdp are both set; choose one engine")
-    time_budget.check(t)  # every stage's settings pass through here, before anything is built
-    precision.check(t.bf16)
-    muon.check(t)
     if not t.deepspeed:
         return
     try:

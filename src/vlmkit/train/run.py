@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 from vlmkit.config import RunConfig
 from vlmkit.data.dataset import Collator, ConversationDataset, VideoSettings
 from vlmkit.data.packing import PackedCollator
-from vlmkit.data.records import IMAGE_MARKER, VIDEO_MARKER, read_record_files
+from vlmkit.data.records import read_record_files
+from vlmkit.processing.markers import IMAGE_MARKER, VIDEO_MARKER
 from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
 from vlmkit.model.feature_cache import FeatureCache

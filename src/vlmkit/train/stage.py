@@ -17,18 +17,21 @@ from transformers import ProgressCallback, Trainer, set_seed
 from transformers.trainer_utils import TrainOutput
 
 from vlmkit.config import to_yaml
-from vlmkit.train import distributed
+from vlmkit.train import distributed, muon, precision, time_budget
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, last_checkpoint
 
 
 def begin(cfg, command: str, log=print) -> tuple[Path, str | None]:
-    """Seed, print the resolved config, check the engine settings; the output folder and the
-    checkpoint to resume from (None: from the beginning)."""
+    """Seed, print the resolved config, check the train settings (each where it is used), before
+    anything is built; the output folder and the checkpoint to resume from (None: from the start)."""
     out = Path(cfg.train.output_dir)
     set_seed(cfg.train.seed)
     log(f"{command}: configuration\n{to_yaml(cfg)}")
     distributed.check(cfg.train)
+    time_budget.check(cfg.train)
+    precision.check(cfg.train.bf16)
+    muon.check(cfg.train)
     checkpoint = last_checkpoint(out, log) if cfg.train.resume and out.is_dir() else None
     if cfg.train.resume and checkpoint is None:
         log(f"no checkpoint in {out}; starting from the beginning")

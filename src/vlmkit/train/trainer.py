@@ -136,7 +136,7 @@ class VLMTrainer(Trainer):
         self._staging_dir = None  # set while a checkpoint is being written
         super().__init__(*args, **kwargs)
         self.time_budget = None
-        if time_budget > 0:  # settings checked by time_budget.check, through distributed.check
+        if time_budget > 0:  # settings checked by time_budget.check, through stage.begin
             self.time_budget = TimeBudget(time_budget, self.args.warmup_steps)
             self.add_callback(TimeBudgetCallback(self.time_budget))
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from vlmkit.data.importers.source import field, load_json
-from vlmkit.data.records import IMAGE_MARKER
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import DataError
 
 PLACEHOLDER = re.compile(r"<Img>\s*<ImageHere>\s*</Img>|<ImageHere>")
