@@ -106,11 +106,8 @@ def _inference_model(args):
 def _chat(args) -> None:
     from vlmkit.errors import ConfigError
     from vlmkit.processing.images import open_image
-    from vlmkit.serve.generation import (
-        GenerationSettings,
-        stream_reply,
-        with_image_markers,
-    )
+    from vlmkit.config import GenerationSettings
+    from vlmkit.serve.generation import stream_reply, with_image_markers
     from vlmkit.serve.page_search import is_retriever
 
     if is_retriever(args.model):
@@ -273,12 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", required=True)
     chat.add_argument("--image", action="append", help="an image (repeat for several)")
     chat.add_argument("--system", help="a system prompt (default: whatever the model's chat template writes)")
-    chat.add_argument("--max-new-tokens", type=int, default=128)
+    # Defaults from GenerationSettings, shown by --help; the API and web page start from them too.
+    from vlmkit.config import GenerationSettings
+
+    decoding = GenerationSettings()
+    chat.add_argument("--max-new-tokens", type=int, default=decoding.max_new_tokens)
     chat.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--top-p", type=float, default=0.9)
-    chat.add_argument("--top-k", type=int, default=50)
-    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--temperature", type=float, default=decoding.temperature)
+    chat.add_argument("--top-p", type=float, default=decoding.top_p)
+    chat.add_argument("--top-k", type=int, default=decoding.top_k)
+    chat.add_argument("--repetition-penalty", type=float, default=decoding.repetition_penalty)
     chat.add_argument("--seed", type=int)
     chat.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantisation of linear layers (CPU)")
     chat.set_defaults(func=_chat)

@@ -56,6 +56,16 @@ class ModelConfig:
 
 
 @dataclass
+class VideoSettings:
+    """How a record's video becomes frames (`vlmkit.processing.video`)."""
+
+    frames: int = 8  # sampled uniformly ...
+    fps: float | None = None  # ... or at this rate; either way at most max_frames
+    max_frames: int = 32
+    max_slices: int = 1  # slices per frame with a slicing model (1: the whole view; anyres: + 1 tile)
+
+
+@dataclass
 class DataConfig:
     train: str | list | None = None  # JSONL of records, or a list of JSONLs to mix (ids must stay unique)
     eval: str | None = None  # JSONL of records, for the eval loss during training
@@ -66,10 +76,7 @@ class DataConfig:
     skip_bad: bool = False
     max_pixels: int = 64_000_000
     num_workers: int = 0
-    video_frames: int = 8  # frames sampled uniformly from a record's video
-    video_fps: float | None = None  # sample at this rate instead (still capped by video_max_frames)
-    video_max_frames: int = 32
-    video_max_slices: int = 1  # slices per frame with a slicing model (1: the whole view; anyres: + 1 tile)
+    video: VideoSettings = field(default_factory=lambda: VideoSettings())
 
 
 @dataclass
@@ -171,11 +178,54 @@ class DPOSettings:
 
 @dataclass
 class RunConfig:
+    """Everything `vlmkit train` and `vlmkit dpo` read: the sections of a run's YAML."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     dpo: DPOSettings = field(default_factory=DPOSettings)
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings of chat, the web page and the API (`vlmkit chat` flags, `:conf`, request
+    fields); `do_sample=False` is greedy and ignores temperature/top_p/top_k."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_slices: int | None = None  # fewer slices per image than the model's own (sliced models only)
+
+    def update(self, key: str, value: str) -> None:
+        """Set one field from text (as `:conf key=value` does), read as config overrides are."""
+        parsed = parse_setting(GenerationSettings, key, value)
+        previous = getattr(self, key)
+        setattr(self, key, parsed)
+        try:
+            self.check()
+        except ConfigError:
+            setattr(self, key, previous)
+            raise
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be at least 1")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ConfigError("need temperature > 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0")
+        if self.max_slices is not None and self.max_slices < 1:
+            raise ConfigError("max_slices must be at least 1 (or none for the model's own)")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                  "repetition_penalty": self.repetition_penalty}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return kwargs
 
 
 # `vlmkit retriever train`: the sections of `vlmkit train` (model, train) plus `retrieval`, with
@@ -206,6 +256,9 @@ class RetrieverDataConfig:
 
 @dataclass
 class RetrieverRunConfig:
+    """Everything `vlmkit retriever train` reads: `vlmkit train`'s model and train sections, the
+    retrieval settings, and the pairs and page store it trains on."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     data: RetrieverDataConfig = field(default_factory=RetrieverDataConfig)
@@ -237,6 +290,21 @@ def _coerce(value, hint, where: str):
         if base is not type(None) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
             return value
     raise ConfigError(f"{where} = {value!r} has the wrong type; expected {hint}")
+
+
+def parse_setting(cls, key: str, text: str):
+    """One field of the dataclass `cls` from text, read as YAML and checked against the field's
+    type, as a `section.key=value` override is: the one reading of typed settings."""
+    hints = _hints(cls)
+    if key not in hints:
+        raise ConfigError(f"unknown setting {key!r}; known: {', '.join(hints)}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if value in ("None", "none") and type(None) in typing.get_args(hints[key]):
+        value = None  # as the settings are shown (Python's spelling), besides YAML's null
+    return _coerce(value, hints[key], key)
 
 
 def _from_dict(cls, data: dict, where: str):

@@ -9,7 +9,8 @@ from PIL import Image
 
 from tests.conftest import tiny_model_config
 from tests.processing.helpers import write_video
-from vlmkit.data.dataset import Collator, ConversationDataset, VideoSettings
+from vlmkit.config import VideoSettings
+from vlmkit.data.dataset import Collator, ConversationDataset
 from vlmkit.data.records import read_records
 from vlmkit.model.build import build
 from vlmkit.train.run import _texts

@@ -91,7 +91,8 @@ def test_minicpm_layout_wraps_the_whole_view_and_each_slice(train_records):
 
 def test_a_request_may_lower_the_slice_budget_but_not_raise_it(train_records):
     from vlmkit.serve.engine import Engine
-    from vlmkit.serve.generation import GenerationSettings, stream_reply
+    from vlmkit.config import GenerationSettings
+    from vlmkit.serve.generation import stream_reply
 
     result = build(tiny_model_config(slicing="minicpm", max_slices=4), training_texts=lambda: _texts(train_records))
     model, processor = result.model.eval(), result.processor

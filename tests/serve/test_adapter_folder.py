@@ -18,7 +18,8 @@ from vlmkit.eval.vqa import evaluate  # noqa: E402
 from vlmkit.model.modeling import VLMForConditionalGeneration  # noqa: E402
 from vlmkit.processing.images import open_image  # noqa: E402
 from vlmkit.serve import api  # noqa: E402
-from vlmkit.serve.generation import GenerationSettings, stream_reply, with_image_markers  # noqa: E402
+from vlmkit.config import GenerationSettings  # noqa: E402
+from vlmkit.serve.generation import stream_reply, with_image_markers  # noqa: E402
 from vlmkit.serve.page_search import is_retriever  # noqa: E402
 from vlmkit.serve.reply_control import ReplySettings  # noqa: E402
 from vlmkit.train import lora  # noqa: E402

@@ -39,7 +39,8 @@ from openai.types.shared import ErrorObject  # noqa: E402
 
 from tests.processing.helpers import EPS  # noqa: E402
 from vlmkit.serve.api import background_server, create_app  # noqa: E402
-from vlmkit.serve.generation import GenerationSettings, stream_reply  # noqa: E402
+from vlmkit.config import GenerationSettings  # noqa: E402
+from vlmkit.serve.generation import stream_reply  # noqa: E402
 from vlmkit.serve.openai_schema import MAX_STOP_CHARS  # noqa: E402
 from vlmkit.serve.reply_control import ReplySettings  # noqa: E402
 

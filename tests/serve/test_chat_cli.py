@@ -13,7 +13,8 @@ pyte = pytest.importorskip("pyte", reason="the serve extra is not installed (pip
 
 from vlmkit.processing.images import open_image  # noqa: E402
 from vlmkit.serve.chat_cli import printable  # noqa: E402
-from vlmkit.serve.generation import GenerationSettings, stream_reply  # noqa: E402
+from vlmkit.config import GenerationSettings  # noqa: E402
+from vlmkit.serve.generation import stream_reply  # noqa: E402
 from vlmkit.serve.reply_control import ReplySettings  # noqa: E402
 
 PROMPT = "you> "
@@ -81,13 +82,13 @@ def test_chat_session_in_a_pseudo_terminal(model_dir, loaded, tmp_path):
     assert "1 image(s) kept" in term.type(":clh")
     assert "(no history)" in term.type(":his")
 
-    assert "do_sample needs a bool" in term.type(":conf max_new_tokens=2 do_sample=maybe")
+    assert "do_sample = 'maybe' has the wrong type" in term.type(":conf max_new_tokens=2 do_sample=maybe")
     assert "max_new_tokens=8" in term.type(":conf"), "a failed :conf must change nothing"
     assert "max_new_tokens=2" in term.type(":conf max_new_tokens=2")
     short = greedy(loaded, image, "What colour is it?", 2)
     assert f"vlm> {printable(short)}\n" in term.type("What colour is it?")
     assert "seed=5" in term.type(":seed 5")
-    assert "seed needs a int" in term.type(":seed five")
+    assert "seed = 'five' has the wrong type" in term.type(":seed five")
     reset = term.type(":reset-conf")
     assert "max_new_tokens=8" in reset and "seed=None" in reset
 

@@ -26,7 +26,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 from vlmkit.data.page_store import PageStoreWriter  # noqa: E402
 from vlmkit.model.retriever import VLMRetriever  # noqa: E402
 from vlmkit.processing.images import open_image  # noqa: E402
-from vlmkit.serve.generation import GenerationSettings, stream_reply  # noqa: E402
+from vlmkit.config import GenerationSettings  # noqa: E402
+from vlmkit.serve.generation import stream_reply  # noqa: E402
 from vlmkit.serve.page_search import PageSearch  # noqa: E402
 from vlmkit.serve.reply_control import ReplySettings  # noqa: E402
 from vlmkit.serve.web import launch  # noqa: E402

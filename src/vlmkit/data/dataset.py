@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from vlmkit.config import VideoSettings
 from vlmkit.data.records import Record, prepare_all, read_records
 from vlmkit.errors import DataError
 from vlmkit.processing.image_processing import concat_image_inputs
@@ -32,17 +33,6 @@ class Example:
     record: Record
     input_ids: torch.Tensor
     labels: torch.Tensor
-
-
-@dataclass
-class VideoSettings:
-    """How a record's video becomes frames (see `vlmkit.processing.video`)."""
-
-    frames: int = 8  # sampled uniformly ...
-    fps: float | None = None  # ... or at this rate; either way at most max_frames
-    max_frames: int = 32
-    max_slices: int = 1  # slices per frame when the model slices images (frames are many): 1 is the whole
-    # view alone with minicpm slicing, the global view plus one tile with anyres
 
 
 def _video_kwargs(video: VideoSettings, max_pixels: int | None) -> dict:

@@ -15,7 +15,8 @@ from typing import Callable
 
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.processing.images import open_image
-from vlmkit.serve.generation import GenerationSettings, stream_reply, with_image_markers
+from vlmkit.config import GenerationSettings
+from vlmkit.serve.generation import stream_reply, with_image_markers
 from vlmkit.serve.reply_control import ReplySettings
 
 HELP = """commands:

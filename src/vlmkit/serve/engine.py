@@ -15,7 +15,8 @@ from typing import AsyncIterator, Callable, TypeVar
 
 from PIL import Image
 
-from vlmkit.serve.generation import GenerationSettings, stream_reply
+from vlmkit.config import GenerationSettings
+from vlmkit.serve.generation import stream_reply
 from vlmkit.serve.reply_control import ReplySettings, StopText
 
 T = TypeVar("T")

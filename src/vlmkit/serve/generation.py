@@ -7,9 +7,7 @@ once, without streaming (`vlmkit eval`, query generation): `vlmkit.model.generat
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,57 +16,8 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from vlmkit.processing.markers import IMAGE_MARKER
+from vlmkit.config import GenerationSettings
 from vlmkit.errors import ConfigError
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding settings; `do_sample=False` is greedy and ignores temperature/top_p/top_k."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_slices: int | None = None  # fewer slices per image than the model's own (sliced models only)
-
-    def update(self, key: str, value: str) -> None:
-        """Set one field from text (as `:conf key=value` does), converting to the field's type."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        if key not in fields:
-            raise ConfigError(f"unknown setting {key!r}; known: {', '.join(fields)}")
-        kind = {"do_sample": bool, "seed": int, "max_slices": int}.get(key, type(getattr(self, key)))
-        try:
-            if kind is bool:
-                parsed = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}[value.lower()]
-            else:
-                parsed = None if key in ("seed", "max_slices") and value.lower() == "none" else kind(value)
-        except (KeyError, ValueError):
-            raise ConfigError(f"setting {key} needs a {kind.__name__}, got {value!r}") from None
-        previous = getattr(self, key)
-        setattr(self, key, parsed)
-        try:
-            self.check()
-        except ConfigError:
-            setattr(self, key, previous)
-            raise
-
-    def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError("max_new_tokens must be at least 1")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ConfigError("need temperature > 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0")
-        if self.max_slices is not None and self.max_slices < 1:
-            raise ConfigError("max_slices must be at least 1 (or none for the model's own)")
-
-    def generate_kwargs(self) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                  "repetition_penalty": self.repetition_penalty}
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kwargs
 
 
 def load_for_inference(model_dir: str | Path, device: str | None = None, dtype: str | None = None):

@@ -22,7 +22,7 @@ from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import VlmkitError
 from vlmkit.processing.images import open_image
 from vlmkit.serve.engine import Job
-from vlmkit.serve.generation import GenerationSettings
+from vlmkit.config import GenerationSettings
 
 DEFAULT_MAX_TOKENS = 256  # when a request names none (and the context has room)
 MAX_IMAGES = 8  # per request

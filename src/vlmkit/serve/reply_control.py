@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from vlmkit.serve.generation import GenerationSettings
+from vlmkit.config import GenerationSettings
 
 
 class Watch(StoppingCriteria):

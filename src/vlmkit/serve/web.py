@@ -19,7 +19,8 @@ import gradio as gr
 
 from vlmkit.errors import VlmkitError
 from vlmkit.processing.images import open_image
-from vlmkit.serve.generation import GenerationSettings, stream_reply, with_image_markers
+from vlmkit.config import GenerationSettings
+from vlmkit.serve.generation import stream_reply, with_image_markers
 from vlmkit.serve.page_search import PageSearch
 from vlmkit.serve.reply_control import ReplySettings
 

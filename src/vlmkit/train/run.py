@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from vlmkit.config import RunConfig
-from vlmkit.data.dataset import Collator, ConversationDataset, VideoSettings
+from vlmkit.data.dataset import Collator, ConversationDataset
 from vlmkit.data.packing import PackedCollator
 from vlmkit.data.records import read_record_files
 from vlmkit.processing.markers import IMAGE_MARKER, VIDEO_MARKER
@@ -90,8 +90,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     model, processor, rates = prepare_model(cfg, records, checkpoint, log)
 
     kwargs = {"max_length": cfg.data.max_length, "skip_bad": cfg.data.skip_bad, "max_pixels": cfg.data.max_pixels,
-              "video": VideoSettings(cfg.data.video_frames, cfg.data.video_fps, cfg.data.video_max_frames,
-                                     cfg.data.video_max_slices)}
+              "video": cfg.data.video}
     train_set = ConversationDataset(records, processor, **kwargs)
     train_set.skipped = bad_lines + train_set.skipped
     eval_set = ConversationDataset.from_jsonl(cfg.data.eval, processor, **kwargs) if cfg.data.eval else None
