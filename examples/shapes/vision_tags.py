@@ -235,7 +235,7 @@ def run_vision_stage(cfg: TagRunConfig, log=print) -> Path:
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     log(f"vision stage: {len(dataset)} images, {len(vocabulary)} tags, learning rate {lr}")
 
-    result, seconds = stage.fit(trainer, checkpoint)
+    result, seconds = stage.fit(trainer, checkpoint, log)
     summary = {"n_train": len(dataset), "skipped_records": len(skipped),
                "n_params": sum(p.numel() for p in tower.parameters()), "n_tags": len(vocabulary),
                "metrics": dict(result.metrics)}

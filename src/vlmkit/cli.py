@@ -136,8 +136,12 @@ def _web(args) -> None:
     from vlmkit.errors import ConfigError
     from vlmkit.eval.retrieval import load_retriever
     from vlmkit.serve.page_search import PageSearch, is_retriever
-    from vlmkit.serve.web import launch
+    from vlmkit.serve.web import launch, read_logins
 
+    logins = read_logins(args.auth_file) if args.auth_file else None  # before the minutes of loading a model
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not logins:
+        print(f"warning: the web page listens on {args.host} with no login; protect it with --auth-file",
+              file=sys.stderr)
     model, processor = _inference_model(args)
     if is_retriever(args.model):
         chat, retriever = (None, None), (model, processor)
@@ -148,7 +152,7 @@ def _web(args) -> None:
     if not retriever and (args.docs or args.index):
         raise ConfigError("--docs and --index need a retriever: --model RETRIEVER or --retriever DIR")
     search = PageSearch(*retriever, args.docs, args.index) if retriever else None
-    launch(Path(args.model).resolve().name, *chat, search=search, host=args.host, port=args.port)
+    launch(Path(args.model).resolve().name, *chat, search=search, host=args.host, port=args.port, logins=logins)
 
 
 def _serve(args) -> None:
@@ -292,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--retriever", help="with a chat model: a retriever for the Retrieval tab")
     web.add_argument("--docs", help="page store the Retrieval tab searches")
     web.add_argument("--index", help="its index from `vlmkit retriever index` (default: encode the store at start)")
+    web.add_argument("--auth-file", metavar="FILE", help="a login page: USER:PASSWORD per line of FILE")
     web.set_defaults(func=_web)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API for a model")

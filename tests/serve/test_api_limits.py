@@ -7,7 +7,8 @@ work, runs no program, keeps memory bounded, and the server answers the next req
   chunked one as it streams in (413);
 - a 31 MB message is refused from its character count, before tokenising (400);
 - a 4x60000 PNG (a few KB) is refused from its header, before padding it to a square (400);
-- an embedding input beyond the context is refused from its length, like a chat prompt.
+- an embedding input beyond the context is refused from its length, like a chat prompt;
+- JSON nested 5000 deep, a 5000-digit number and a lone surrogate are 400s that say so.
 """
 
 from __future__ import annotations
@@ -214,3 +215,16 @@ def test_an_embedding_input_beyond_the_context_is_refused_before_tokenising():
         embedding_texts(request, set(), context=512)
     assert (err.value.status, err.value.param, err.value.code) == (400, "input[1]", "context_length_exceeded")
     assert embedding_texts(request.model_copy(update={"input": ["red circle"]}), set(), 512) == ["red circle"]
+
+
+@pytest.mark.parametrize("body, named", [
+    ('{"model": "tiny", "messages": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + "9" * 5000 + "}",
+     "number too long"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "surrogate"),
+], ids=["nesting-5000-deep", "5000-digit-max-tokens", "lone-surrogate"])
+def test_malformed_json_values_get_400_naming_the_problem(http, body, named):
+    reply = http.post("/v1/chat/completions", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert named in reply.json()["error"]["message"]
+    assert_still_serving(http)

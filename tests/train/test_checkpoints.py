@@ -172,3 +172,27 @@ def test_kill_9_during_a_checkpoint_write_then_resume_ends_bitwise_equal(synth_d
     assert not any(p.name.startswith(STAGING) for p in out.iterdir())
     a, b = load_file(tmp_path / "A" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_weights(synth_dir, tmp_path):
+    out = tmp_path / "run"
+    run_module.run(make_config(synth_dir, out), log=quiet)
+    finished = load_file(str(out / "model.safetensors"))
+    assert not (out / "training_args.bin").exists()  # the model folder holds no pickle
+    said = []
+    run_module.run(make_config(synth_dir, out, resume=True), log=said.append)
+    assert any("last step (6) of a finished run" in line for line in said)
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 6  # not 7, as transformers' loop did
+    again = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(finished[name], again[name]) for name in finished)
+    # Asked for more steps, the same resume trains on.
+    run_module.run(make_config(synth_dir, out, resume=True, max_steps=8), log=quiet)
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 8
+
+
+def test_resume_does_not_warn_about_the_tied_lm_head(synth_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    run_module.run(make_config(synth_dir, out, max_steps=4), log=quiet)
+    with caplog.at_level("WARNING"):
+        run_module.run(make_config(synth_dir, out, max_steps=6, resume=True), log=quiet)
+    assert "missing keys" not in caplog.text

@@ -18,11 +18,12 @@ from typing import Annotated, Literal
 from openai.types.shared import ErrorObject
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlmkit.processing.markers import IMAGE_MARKER
-from vlmkit.errors import VlmkitError
-from vlmkit.processing.images import open_image
-from vlmkit.serve.engine import Job
 from vlmkit.config import GenerationSettings
+from vlmkit.data.records import parse_json_line
+from vlmkit.errors import DataError, VlmkitError
+from vlmkit.processing.images import open_image
+from vlmkit.processing.markers import IMAGE_MARKER
+from vlmkit.serve.engine import Job
 
 DEFAULT_MAX_TOKENS = 256  # when a request names none (and the context has room)
 MAX_IMAGES = 8  # per request
@@ -104,9 +105,14 @@ MAX_EMBEDDING_INPUTS = 256
 def parse(body: bytes, schema: type[_Strict]) -> _Strict:
     """The request body as `schema`, or a 400 that says what is wrong and where."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+        data = parse_json_line(body)  # every way JSON can fail to read (depth, digits, bytes) is a DataError
+        # JSON may escape half of a UTF-16 pair ("\ud800"), which is no text: refused here, not by the tokenizer.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except DataError as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err.problem}", code="invalid_json") from None
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"the request body holds a lone surrogate ({err.object[err.start:err.end]!a}), "
+                            "which is not Unicode text", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:

@@ -13,13 +13,14 @@ so a reply cannot make the browser load an outside address (a Markdown image wou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
 
-from vlmkit.errors import VlmkitError
-from vlmkit.processing.images import open_image
 from vlmkit.config import GenerationSettings
+from vlmkit.errors import ConfigError, VlmkitError
+from vlmkit.processing.images import open_image
 from vlmkit.serve.generation import stream_reply, with_image_markers
 from vlmkit.serve.page_search import PageSearch
 from vlmkit.serve.reply_control import ReplySettings
@@ -155,10 +156,33 @@ def build_ui(title: str, model=None, processor=None, search: PageSearch | None =
     return ui
 
 
+def read_logins(path: str | Path) -> list[tuple[str, str]]:
+    """`USER:PASSWORD` per line (blank lines and `#` comments ignored), for Gradio's login page.
+
+    A file, not a flag: a password on the command line shows in `ps` and the shell's history."""
+    logins = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--auth-file {path}: cannot read it ({err})") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        if not colon or not user or not password:
+            raise ConfigError(f"--auth-file {path}, line {number}: expected USER:PASSWORD")
+        logins.append((user, password))
+    if not logins:
+        raise ConfigError(f"--auth-file {path} holds no USER:PASSWORD line")
+    return logins
+
+
 def launch(title: str, model=None, processor=None, search: PageSearch | None = None, host: str = "127.0.0.1",
-           port: int = 7860, block: bool = True):
-    """Serve the page (until interrupted, or in the background with `block=False`); returns (ui, url)."""
+           port: int = 7860, block: bool = True, logins: list[tuple[str, str]] | None = None):
+    """Serve the page (until interrupted, or in the background with `block=False`); returns (ui, url).
+    With `logins`, Gradio asks for one of those user names and passwords first."""
     ui = build_ui(title, model, processor, search)
     ui.launch(server_name=host, server_port=port, prevent_thread_lock=not block, theme=THEME, footer_links=[],
-              show_error=True, quiet=not block, max_file_size="32mb")
+              show_error=True, quiet=not block, max_file_size="32mb", auth=logins or None)
     return ui, ui.local_url

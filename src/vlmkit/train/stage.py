@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from transformers import ProgressCallback, Trainer, set_seed
+from transformers import ProgressCallback, Trainer, TrainerState, set_seed
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 
 from vlmkit.config import to_yaml
+from vlmkit.errors import ConfigError
 from vlmkit.train import distributed, muon, precision, time_budget
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, last_checkpoint
@@ -38,10 +40,25 @@ def begin(cfg, command: str, log=print) -> tuple[Path, str | None]:
     return out, checkpoint
 
 
-def fit(trainer: Trainer, checkpoint: str | None) -> tuple[TrainOutput, float]:
-    """Train with vlmkit's progress bar; the Trainer's result and the seconds training took."""
+def fit(trainer: Trainer, checkpoint: str | None, log=print) -> tuple[TrainOutput, float]:
+    """Train with vlmkit's progress bar; the Trainer's result and the seconds training took.
+
+    Resuming a run that had already reached its last step trains nothing: transformers' loop
+    would take one step more before it looks at the count, and change the finished weights.
+    The checkpoint's weights are loaded instead, for `finish` to save."""
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
+    if checkpoint is not None:
+        state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+        target = trainer.args.max_steps if trainer.args.max_steps > 0 else state.max_steps
+        if state.global_step >= target:
+            if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+                raise ConfigError(f"{checkpoint} is the last step ({state.global_step}) of a finished run; raise "
+                                  "train.max_steps to train on, or start a new train.output_dir")
+            log(f"{checkpoint} is the last step ({state.global_step}) of a finished run; nothing left to train")
+            trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loading, as a resume does
+            trainer.state = state
+            return TrainOutput(state.global_step, 0.0, {}), 0.0
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     return result, time.perf_counter() - start
@@ -54,6 +71,10 @@ def finish(trainer: Trainer, cfg, out: Path, seconds: float, summary: dict, log=
     main process the resolved config and `train_summary.json`: seconds, steps and precision, then
     `summary`. Returns the summary written."""
     (save or (lambda t: t.save_model(str(out))))(trainer)
+    if trainer.is_world_process_zero():
+        # The Trainer pickles its arguments beside the weights; a model folder vlmkit ships holds no
+        # pickle (the resolved config, as YAML, says the same). Checkpoints keep theirs, to resume.
+        (out / TRAINING_ARGS_NAME).unlink(missing_ok=True)
     summary = {"train_seconds": seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16, **summary}
     if trainer.is_world_process_zero():
         (out / config_file).write_text(to_yaml(cfg))

@@ -140,6 +140,17 @@ class VLMTrainer(Trainer):
             self.time_budget = TimeBudget(time_budget, self.args.warmup_steps)
             self.add_callback(TimeBudgetCallback(self.time_budget))
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A tied LM head is saved once, as the embeddings, and comes back through the tie: its key
+        # missing from a checkpoint is no news (transformers warned about it on every resume).
+        seen, tied = set(), set()  # parameter ids met so far; names of the second and later uses
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if id(param) in seen:
+                tied.add(name)
+            seen.add(id(param))
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written into a staging folder and renamed to `checkpoint-N` only
         when every process has written its part: a kill mid-write leaves a staging folder (removed
