@@ -44,6 +44,10 @@ def video_record(content="<video>\nWhat happens?", **fields):
     return {"id": "v1", "video": "clips/1.mp4", **fields, "conversations": turns}
 
 
+def turns(*roles: str) -> dict:
+    return {"conversations": [{"role": role, "content": f"{role} {i}"} for i, role in enumerate(roles)]}
+
+
 @pytest.mark.parametrize(
     "raw, problem",
     [
@@ -58,6 +62,15 @@ def video_record(content="<video>\nWhat happens?", **fields):
         ({**video_record(), "video": None, "id": "x"}, "1 <video> marker(s) but 0 video(s)"),
         (video_record(video=["a.mp4", "b.mp4"]), "field 'video' must be one non-empty path string"),
         (video_record(video=""), "field 'video' must be one non-empty path string"),
+        # The order of the turns: an optional system turn, then user and assistant by turns,
+        # ending on a non-empty answer.
+        (turns("user", "user", "assistant"), "conversations[1] has role 'user' where 'assistant' belongs"),
+        (turns("assistant", "user", "assistant"), "conversations[0] has role 'assistant' where 'user' belongs"),
+        (turns("user", "assistant", "user"), "ends on a user turn"),
+        (turns("system", "user", "assistant", "system", "user", "assistant"),
+         "conversations[3] has role 'system' where 'user' belongs"),
+        ({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " \n"}]},
+         "conversations[1] is an empty assistant turn"),
     ],
 )
 def test_bad_records_name_file_line_and_problem(tmp_path, raw, problem):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 
 import pytest
@@ -119,3 +120,12 @@ def test_a_long_strip_is_shrunk_before_it_is_padded_to_a_square(monkeypatch):
     canvases.clear()  # within the limit: padded as it is, pixel for pixel
     processor.to_square(small)
     assert canvases == [(30, 30)]
+
+
+def test_a_fifo_or_folder_is_refused_at_once_not_read(tmp_path):
+    fifo = tmp_path / "image.png"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for path in (fifo, tmp_path):
+        with pytest.raises(DataError, match="not a regular file") as err:
+            open_image(path)
+        assert str(path) in str(err.value)

@@ -65,6 +65,24 @@ def count_markers(conversations: list[dict], marker: str = IMAGE_MARKER) -> int:
     return sum(turn["content"].count(marker) for turn in conversations)
 
 
+def turn_order_problem(conversations: list[dict]) -> str | None:
+    """What is wrong with the order of a record's turns, or None: an optional system turn first,
+    then user and assistant by turns, ending on a non-empty assistant answer. Chat templates
+    assume that order; a model trained on two user turns in a row learns a chat nobody has."""
+    turns = conversations[1:] if conversations[0]["role"] == "system" else conversations
+    for i, turn in enumerate(turns):
+        index = i + len(conversations) - len(turns)
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            return (f"conversations[{index}] has role {turn['role']!r} where {expected!r} belongs (after an "
+                    "optional system turn, user and assistant take turns, starting with the user)")
+        if expected == "assistant" and not turn["content"].strip():
+            return f"conversations[{index}] is an empty assistant turn; give the answer, or drop the turn"
+    if turns[-1]["role"] != "assistant":
+        return "conversations ends on a user turn; it must end on the assistant's answer (what is learnt or scored)"
+    return None
+
+
 def normalise(raw: dict, base_dir: Path, path: Path | str = "<memory>", line: int | None = None) -> Record:
     """Turn one parsed JSON object into a checked Record, or raise DataError naming the problem."""
 
@@ -108,6 +126,9 @@ def normalise(raw: dict, base_dir: Path, path: Path | str = "<memory>", line: in
         fail("conversations has no assistant turn, so there is nothing to learn or score")
     if not any(t["role"] == "user" for t in conversations):
         fail("conversations has no user turn")
+    problem = turn_order_problem(conversations)
+    if problem:
+        fail(problem)
 
     markers = count_markers(conversations)
     if markers == 0 and images:

@@ -31,6 +31,9 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     is refused before any pixel is decoded. Formats outside ALLOWED_FORMATS are not readable images.
     """
     name = "image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+    if name != "image bytes" and Path(source).exists() and not Path(source).is_file():
+        # Opening a FIFO blocks until something writes to it; a device may never end.
+        raise DataError("not a regular file (a directory, FIFO or device); give an image file", name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -88,8 +88,9 @@ def rate_indices(frame_times: list[float], fps: float, max_frames: int) -> list[
 
 def _open(path: Path):
     av = _av(path)
-    if not path.is_file():
-        raise DataError("video file not found", path)
+    if not path.is_file():  # a FIFO or device would block the reader, so it is refused too
+        raise DataError("not a regular file (a directory, FIFO or device)" if path.exists() else "video file not found",
+                        path)
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as err:
