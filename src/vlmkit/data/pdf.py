@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import pypdfium2 as pdfium
 from tqdm import tqdm
 
 from vlmkit.data.page_store import PageStoreWriter
+from vlmkit.data.workers import worker_pool
 from vlmkit.errors import DataError
 from vlmkit.processing.images import open_image
 
@@ -146,7 +146,7 @@ def render_to_store(inputs: list[str | Path], out: str | Path, dpi: float = 150,
                       for i in range(0, len(todo), PAGES_PER_TASK)]
         bar = tqdm(total=sum(len(t[0][1]) for t in tasks), desc="render", unit="page", disable=not progress)
         workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
-        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        pool = worker_pool(workers) if workers > 1 else None
         try:
             jobs = [task for task, _ in tasks]
             results = pool.map(_render_pages, jobs) if pool else map(_render_pages, jobs)

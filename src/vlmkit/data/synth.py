@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 import random
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from vlmkit.data.scenes import CELLS, COLOURS, PLURALS, SHAPES, SIZES, WORDS, Obj, Scene, caption, fact_list, render
+from vlmkit.data.workers import worker_pool
 
 CATEGORIES = ("colour", "shape", "count", "position", "size", "existence", "text", "compare")
 # One held-out pair per colour; each shape keeps at least three colours in training.
@@ -296,7 +296,7 @@ def write_split(out_dir: Path, split: str, n: int, seed: int, turns: int = 1, im
     tmp = path.with_suffix(".jsonl.tmp")
     bar = tqdm(total=n, desc=f"synth {split}", unit="rec", disable=not progress)
     with tmp.open("w", encoding="utf-8") as handle:
-        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        pool = worker_pool(workers) if workers > 1 else None
         results = pool.map(_write_chunk, jobs) if pool else map(_write_chunk, jobs)
         for records in results:
             for record in records:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmkit.data.scenes import COLOURS, SHAPES, _draw_shape, _jitter
+from vlmkit.data.workers import worker_pool
 from vlmkit.errors import ConfigError
 
 # Lengths are in pixels of a 256 px image and scale with `image_size`, so the claim holds at any size.
@@ -200,7 +200,7 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
         path, tmp = out_dir / f"{split}.jsonl", out_dir / f"{split}.jsonl.tmp"
         with tmp.open("w", encoding="utf-8") as handle:
             if n_workers > 1:
-                with ProcessPoolExecutor(n_workers) as pool:
+                with worker_pool(n_workers) as pool:
                     chunks = list(pool.map(_write_chunk, jobs))
             else:
                 chunks = map(_write_chunk, jobs)
