@@ -158,12 +158,16 @@ def _web(args) -> None:
 def _serve(args) -> None:
     import os
 
+    from vlmkit.errors import ConfigError
     from vlmkit.serve.api import create_app, run_server
 
+    if args.max_batch < 1:  # before the model loads
+        raise ConfigError(f"--max-batch must be at least 1, not {args.max_batch}")
     model, processor = _inference_model(args)
     api_key = args.api_key or os.environ.get("VLMKIT_API_KEY")
     name = args.served_model_name or Path(args.model).resolve().name
-    run_server(create_app(model, processor, name, api_key=api_key), host=args.host, port=args.port)
+    app = create_app(model, processor, name, api_key=api_key, max_batch=args.max_batch)
+    run_server(app, host=args.host, port=args.port)
 
 
 def _export(args) -> None:
@@ -306,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $VLMKIT_API_KEY, if set)")
     serve.add_argument("--served-model-name", help="the model id clients use (default: the model folder's name)")
     serve.add_argument("--quantize", choices=["int8"], help="int8 dynamic quantisation of linear layers (CPU)")
+    serve.add_argument("--max-batch", type=int, default=32, metavar="N",
+                       help="chat replies generated together, a request joining the batch as it arrives "
+                            "(default: 32; 1: one at a time)")
     serve.set_defaults(func=_serve)
 
     export = commands.add_parser("export", help="write a model in another library's format")

@@ -3,8 +3,9 @@
 Routes: `GET /v1/models`, `POST /v1/chat/completions` for a chat model (plain or streamed
 as server-sent events), `POST /v1/embeddings` for a retriever (query embeddings) and
 `GET /health`. Responses are built with the `openai` package's own types; every error is a
-JSON body in OpenAI's shape; bad input gets a 4xx and never stops the server. Requests run one
-at a time through `vlmkit.serve.engine`.
+JSON body in OpenAI's shape; bad input gets a 4xx and never stops the server. Chat requests
+are batched continuously (`vlmkit.serve.batching`: one that arrives while others generate joins
+them); with `max_batch=1` they run one at a time (`vlmkit.serve.engine`).
 
 Cheap limits come before expensive work: the key, then the content type and the body's size
 (before it is read), then the prompt's length in characters (before it is tokenised) and each
@@ -36,21 +37,29 @@ from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from openai.types.create_embedding_response import Usage
 from starlette.exceptions import HTTPException
 
-from vlmkit.errors import VlmkitError
+from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.model.retriever import VLMRetriever, encode_inputs
-from vlmkit.serve.engine import Busy, Engine, Finished, Job
+from vlmkit.serve.batching import BatchingEngine
+from vlmkit.serve.engine import Busy, Engine, Finished, Job, whole_reply
 from vlmkit.serve.openai_schema import ApiError, ChatRequest, EmbeddingRequest, embedding_texts, parse, to_job
 
 LOG = logging.getLogger("vlmkit.serve")
 MAX_BODY_BYTES = 32 * 1024 * 1024  # enough for a few large base64 images
 MAX_PIXELS = 16_000_000  # per image, checked from its header before decoding
+DEFAULT_MAX_BATCH = 32
 
 
-def create_app(model, processor, model_name: str, api_key: str | None = None, max_waiting: int = 64) -> FastAPI:
-    """The API app for one loaded model; `api_key` set: every /v1 request needs `Authorization: Bearer KEY`."""
-    engine = Engine(model, processor, max_waiting)
-    context = model.config.text_config.max_position_embeddings
+def create_app(model, processor, model_name: str, api_key: str | None = None, max_waiting: int = 64,
+               max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
+    """The API app for one loaded model; `api_key` set: every /v1 request needs `Authorization: Bearer KEY`.
+    At most `max_batch` chat replies are generated together (1: one at a time)."""
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be at least 1, not {max_batch}")
     retriever = isinstance(model, VLMRetriever)
+    # A retriever answers embeddings only, each request one batched forward already.
+    engine = BatchingEngine(model, processor, max_waiting, max_batch) if max_batch > 1 and not retriever else \
+        Engine(model, processor, max_waiting)
+    context = model.config.text_config.max_position_embeddings
     embedding_size = (model.config.multi_vector_dim or model.config.text_config.hidden_size) if retriever else None
     tokenizer = processor.tokenizer
     special_tokens = {str(t) for t in tokenizer.added_tokens_decoder.values() if t.special}
@@ -172,12 +181,7 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             events = sse(items, head, prompt_tokens, include_usage)
             return ClosingStreamingResponse(events, media_type="text/event-stream")
-        text, finished = "", None
-        async for item in items:
-            if isinstance(item, Finished):
-                finished = item
-            else:
-                text += item
+        text, finished = await whole_reply(items)
         message = ChatCompletionMessage(role="assistant", content=text)
         choice = Choice(index=0, message=message, finish_reason=finished.finish_reason)
         usage = usage_of(prompt_tokens, finished)

@@ -44,6 +44,17 @@ class Finished:
     completion_tokens: int
 
 
+async def whole_reply(items: AsyncIterator[str | Finished]) -> tuple[str, Finished]:
+    """The text of a reply stream (an engine's `submit`) and the `Finished` that ends it."""
+    text, finished = "", None
+    async for item in items:
+        if isinstance(item, Finished):
+            finished = item
+        else:
+            text += item
+    return text, finished
+
+
 class Engine:
     """Runs jobs on one worker thread, in the order they came; at most `max_waiting` wait."""
 
