@@ -6,28 +6,19 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image, ImageDraw
 
 openai = pytest.importorskip("openai", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
+from tests.serve.helpers import free_port, server_process  # noqa: E402
 from vlmkit.export.llava import save_llava  # noqa: E402
 from vlmkit.serve.api import background_server, create_app  # noqa: E402
 
 TRANSFORMERS = shutil.which("transformers", path=str(Path(sys.executable).parent))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def image_url(colour: str) -> str:
@@ -52,24 +43,9 @@ def test_the_llava_export_under_transformers_serve_answers_as_vlmkit_serve(loade
     model, processor = loaded
     export = save_llava(model, processor, tmp_path / "llava")
     port = free_port()
-    server = subprocess.Popen([TRANSFORMERS, "serve", str(export), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://localhost:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.stderr.read()[-3000:]
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "transformers serve did not start within 180 s"
-            time.sleep(0.5)
+    with server_process([TRANSFORMERS, "serve", str(export), "--port", str(port)], f"{url}/v1/models"):
         theirs = [ask(url, str(export), colour) for colour in ("red", "blue", "green")]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     with background_server(create_app(model, processor, "tiny")) as ours_url:
         ours = [ask(ours_url, "tiny", colour) for colour in ("red", "blue", "green")]
     assert theirs == ours
