@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from vlmkit.cli_retrieval import add_commands as add_retrieval_commands
+from vlmkit.cli_retrieval import add_search_mode
 from vlmkit.cli_retrieval import add_synth_docs_command
 from vlmkit.errors import VlmkitError
 
@@ -151,7 +152,7 @@ def _web(args) -> None:
         raise ConfigError("the Retrieval tab needs --docs, the page store to search")
     if not retriever and (args.docs or args.index):
         raise ConfigError("--docs and --index need a retriever: --model RETRIEVER or --retriever DIR")
-    search = PageSearch(*retriever, args.docs, args.index) if retriever else None
+    search = PageSearch(*retriever, args.docs, args.index, args.mode, tuple(args.weights)) if retriever else None
     launch(Path(args.model).resolve().name, *chat, search=search, host=args.host, port=args.port, logins=logins)
 
 
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--docs", help="page store the Retrieval tab searches")
     web.add_argument("--index", help="its index from `vlmkit retriever index` (default: encode the store at start)")
     web.add_argument("--auth-file", metavar="FILE", help="a login page: USER:PASSWORD per line of FILE")
+    add_search_mode(web, "hybrid")
     web.set_defaults(func=_web)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API for a model")

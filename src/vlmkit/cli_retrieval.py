@@ -67,6 +67,30 @@ def _docs_make_pairs(args) -> None:
         print(f"{name}: {path}")
 
 
+def _docs_mine_negatives(args) -> None:
+    from vlmkit.data.pairs import check_ids, mine_negatives, read_pairs, write_pairs
+    from vlmkit.data.page_store import PageStore
+    from vlmkit.errors import ConfigError
+    from vlmkit.eval.retrieval import load_retriever
+    from vlmkit.serve.page_search import PageSearch
+
+    if args.mode != "lexical" and not args.model:
+        raise ConfigError(f"--mode {args.mode} mines with a retriever: give --model (or --mode lexical, BM25)")
+    pairs = read_pairs(args.pairs)
+    check_ids(pairs, PageStore(args.docs).index.keys(), args.pairs, args.docs)
+    model, processor = load_retriever(args.model) if args.model else (None, None)
+    search = PageSearch(model, processor, args.docs, args.index, args.mode, tuple(args.weights))
+    if search.mode == "lexical" and not len(search.lexical):
+        raise ConfigError(f"no page of {args.docs} has a text layer for BM25; mine with a retriever "
+                          "(--model DIR --mode dense)")
+    depth = args.per_query + 20  # room for the positives and the pages the skip rule bars
+    mined = mine_negatives(pairs, lambda query: [d for d, _ in search.ranked(query, depth)], args.per_query,
+                           args.skip)
+    write_pairs(mined, args.out)
+    counts = [len(p.neg) for p in mined]
+    print(f"wrote {args.out}: {len(mined)} pairs, {sum(counts)} negatives ({min(counts)} to {max(counts)} a pair)")
+
+
 def _retriever_train(args) -> None:
     from vlmkit.config import load_retriever_config
     from vlmkit.train.retrieval import run
@@ -108,6 +132,21 @@ def _retriever_search(args) -> None:
 
     if not args.query.strip():
         raise ConfigError("the query is empty")
+    if args.mode != "dense":  # BM25 reads the store's text layers
+        from vlmkit.serve.page_search import PageSearch
+
+        if not args.docs:
+            raise ConfigError(f"--mode {args.mode} searches the text layers of a page store: give --docs")
+        if args.mode == "hybrid" and not args.model:
+            raise ConfigError("--mode hybrid needs --model, the retriever")
+        model, processor = load_retriever(args.model) if args.model else (None, None)
+        ranked = PageSearch(model, processor, args.docs, args.index, args.mode, tuple(args.weights)).ranked(
+            args.query, args.k)
+        for rank, (doc_id, score) in enumerate(ranked, 1):
+            print(f"{rank:3d}  {score:.4f}  {doc_id}")
+        return
+    if not args.model:
+        raise ConfigError("dense search needs --model, the retriever (or --mode lexical)")
     if (args.index is None) == (args.docs is None):
         raise ConfigError("give exactly one of --index (from `vlmkit retriever index`) and --docs")
     model, processor = load_retriever(args.model)
@@ -126,10 +165,16 @@ def _retriever_demo(args) -> None:
 def _retriever_eval(args) -> None:
     from vlmkit.eval.retrieval import evaluate, init_distributed
 
+    if args.model is None and args.mode != "lexical":
+        from vlmkit.errors import ConfigError
+
+        raise ConfigError(f"--mode {args.mode} needs --model, the retriever (--mode lexical needs none)")
     init_distributed()
-    output = args.output or str(Path(args.model) / "retrieval_metrics.json")
+    # By default beside the model, one file per mode; lexical search without a model writes only --output.
+    name = "retrieval_metrics.json" if args.mode == "dense" else f"retrieval_metrics_{args.mode}.json"
+    output = args.output or (str(Path(args.model) / name) if args.model else None)
     metrics = evaluate(args.model, args.docs, args.queries, args.qrels, output, batch_size=args.batch_size,
-                       index=args.index)
+                       index=args.index, mode=args.mode, weights=tuple(args.weights))
     print(json.dumps(metrics, indent=2))
 
 
@@ -143,6 +188,15 @@ def add_synth_docs_command(group: argparse._SubParsersAction, name: str) -> None
     dsynth.add_argument("--size", type=int, default=64, help="page height in pixels")
     dsynth.add_argument("--seed", type=int, default=0)
     dsynth.set_defaults(func=_docs_synth)
+
+
+def add_search_mode(parser: argparse.ArgumentParser, default: str) -> None:
+    """--mode and --weights: dense, lexical (BM25 over the pages' text layers) or hybrid search."""
+    parser.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default=default,
+                        help=f"dense: the retriever; lexical: BM25 over the pages' text layers; hybrid: both, "
+                             f"fused by reciprocal rank (default: {default})")
+    parser.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("DENSE", "LEXICAL"),
+                        help="hybrid: each ranking's weight in the fusion (default: 1 1)")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -187,6 +241,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     mpairs.add_argument("--seed", type=int, default=0)
     mpairs.set_defaults(func=_docs_make_pairs)
 
+    mine = docs.add_parser("mine-negatives", help="fill the pairs' hard negatives from a first-stage search "
+                           "(BM25 over the text layers, or a retriever)")
+    mine.add_argument("--pairs", required=True, help="pairs JSONL (from make-pairs)")
+    mine.add_argument("--docs", required=True, help="the page store the pairs name")
+    mine.add_argument("--out", required=True, help="the pairs with their negatives (JSONL)")
+    mine.add_argument("--per-query", type=int, default=4, help="negatives per pair (default: 4)")
+    mine.add_argument("--skip", choices=["same-document", "same-page"], default="same-document",
+                      help="pages never taken as negatives: those of the positives' documents (FILE#N ids; the "
+                           "default), or only the positives themselves")
+    mine.add_argument("--model", help="a retriever, for --mode dense or hybrid")
+    mine.add_argument("--index", help="its index of the store (default: encode the store)")
+    add_search_mode(mine, "lexical")
+    mine.set_defaults(func=_docs_mine_negatives)
+
     retriever = commands.add_parser("retriever", help="train, index, search and evaluate a page retriever")
     retriever = retriever.add_subparsers(dest="retriever_command", required=True)
     rtrain = retriever.add_parser("train", help="contrastive training of a retriever on query-page pairs")
@@ -210,19 +278,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rindex.set_defaults(func=_retriever_index)
     rsearch = retriever.add_parser("search", help="the top pages for one query")
     rsearch.add_argument("query")
-    rsearch.add_argument("--model", required=True)
+    rsearch.add_argument("--model", help="the retriever (not needed with --mode lexical)")
     rsearch.add_argument("--index", help="an index from `vlmkit retriever index`")
     rsearch.add_argument("--docs", help="or a page store, encoded on the spot")
     rsearch.add_argument("--k", type=int, default=10)
+    add_search_mode(rsearch, "dense")
     rsearch.set_defaults(func=_retriever_search)
     reval = retriever.add_parser("eval", help="nDCG@5/@10, recall@10 and MRR@10 on queries + qrels")
-    reval.add_argument("--model", required=True)
+    reval.add_argument("--model", help="the retriever (not needed with --mode lexical)")
     reval.add_argument("--docs", required=True, help="the corpus, a page store")
     reval.add_argument("--queries", required=True, help='JSONL of {"id", "text"}')
     reval.add_argument("--qrels", required=True, help="TSV with header query-id, corpus-id, score")
     reval.add_argument("--output", help="metrics JSON (a TREC run file goes beside it)")
     reval.add_argument("--index", help="use this index instead of encoding the store")
     reval.add_argument("--batch-size", type=int, default=32)
+    add_search_mode(reval, "dense")
     reval.set_defaults(func=_retriever_eval)
     rdemo = retriever.add_parser("demo", help="built-in documents -> tiny retriever from scratch -> held-out metrics")
     rdemo.add_argument("--out", default="runs/demo-retrieval")

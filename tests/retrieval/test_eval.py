@@ -55,7 +55,7 @@ def test_evaluate_end_to_end_and_bad_inputs(untrained, docs_dir, tmp_path, monke
     monkeypatch.setattr(ev, "load_retriever", lambda directory: untrained)
     args = (docs_dir / "test_docs.h5", docs_dir / "test_queries.jsonl", docs_dir / "test_qrels.tsv")
     result = ev.evaluate("model", *args, output=tmp_path / "m.json", batch_size=8, progress=False)
-    assert set(result) == {"ndcg@5", "ndcg@10", "recall@10", "mrr@10", "n_queries", "n_docs"}
+    assert set(result) == {"ndcg@5", "ndcg@10", "recall@10", "mrr@10", "n_queries", "n_docs", "mode"}
     assert result["n_queries"] == result["n_docs"] == 24
     assert json.loads((tmp_path / "m.json").read_text()) == result
     run_lines = (tmp_path / "m.trec").read_text().splitlines()

@@ -16,10 +16,11 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from torch.utils.data import Dataset
 
-from vlmkit.errors import DataError
+from vlmkit.errors import ConfigError, DataError
 
 
 @dataclass
@@ -67,6 +68,36 @@ def write_pairs(pairs: list[Pair], path: str | Path) -> None:
         for p in pairs:
             handle.write(json.dumps({"query": p.query, "pos": p.pos, "neg": p.neg}) + "\n")
     tmp.replace(path)
+
+
+NEGATIVE_SKIPS = ("same-document", "same-page")
+
+
+def document_of(doc_id: str) -> str:
+    """The document a page belongs to: its id before `#` (`docs render` names pages FILE#N)."""
+    return doc_id.split("#", 1)[0]
+
+
+def mine_negatives(pairs: list[Pair], ranked: Callable[[str], list[str]], per_query: int,
+                   skip: str = "same-document") -> list[Pair]:
+    """The pairs with up to `per_query` hard negatives each: the best pages of a first-stage ranking
+    of the query (`ranked`: page ids, best first) that are not its positives and, with `skip`
+    "same-document", not pages of its positives' documents either: a page beside the answer often
+    answers too, and a false negative teaches the model to push away a right page. Negatives
+    already in a pair come first and count towards `per_query`."""
+    if skip not in NEGATIVE_SKIPS:
+        raise ConfigError(f"skip rule {skip!r} is not one of {', '.join(NEGATIVE_SKIPS)}")
+    mined = []
+    for pair in pairs:
+        barred = set(pair.pos) | ({document_of(d) for d in pair.pos} if skip == "same-document" else set())
+        negatives = list(pair.neg)
+        for doc_id in ranked(pair.query):
+            if len(negatives) >= per_query:
+                break
+            if doc_id not in barred and document_of(doc_id) not in barred and doc_id not in negatives:
+                negatives.append(doc_id)
+        mined.append(Pair(pair.query, pair.pos, negatives, pair.line))
+    return mined
 
 
 def check_ids(pairs: list[Pair], known: set[str] | frozenset[str], path, store) -> None:

@@ -28,12 +28,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from vlmkit.data.page_store import PageStore
-from vlmkit.errors import DataError
+from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.exact_search import search_topk as search  # exact top-k, ties to the lower index
+from vlmkit.eval.lexical import LexicalIndex, reciprocal_rank_fusion
 from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs
 from vlmkit.processing.processor import VLMProcessor
 
 # Our metric names -> trec_eval's. Runs are cut at 10 before scoring, so reciprocal rank is MRR@10.
+SEARCH_MODES = ("dense", "lexical", "hybrid")
+RUN_DEPTH = 100  # pages kept per query in the run file (and fused, in hybrid mode)
 TREC_MEASURES = {"ndcg@5": "ndcg_cut_5", "ndcg@10": "ndcg_cut_10", "recall@10": "recall_10", "mrr@10": "recip_rank"}
 
 
@@ -181,40 +184,55 @@ def metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict
         "n_queries": len(judged)}
 
 
-def write_run(path: str | Path, qids: list[str], ids: list[str], scores: torch.Tensor, indices: torch.Tensor,
-              tag: str = "vlmkit") -> None:
+def write_run(path: str | Path, run: dict[str, list[tuple[str, float]]], tag: str = "vlmkit") -> None:
     """A TREC run file: `qid Q0 docid rank score tag`, one line per retrieved page (pytrec_eval reads
     these but cannot write them)."""
     with Path(path).open("w", encoding="utf-8") as handle:
-        for q, qid in enumerate(qids):
-            for rank, (s, i) in enumerate(zip(scores[q].tolist(), indices[q].tolist()), 1):
-                handle.write(f"{qid} Q0 {ids[i]} {rank} {s:.6f} {tag}\n")
+        for qid, ranked in run.items():
+            for rank, (doc_id, score) in enumerate(ranked, 1):
+                handle.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
 
 
-def evaluate(model_dir: str | Path, docs: str | Path, queries_path: str | Path, qrels_path: str | Path,
+def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str | Path, qrels_path: str | Path,
              output: str | Path | None = None, batch_size: int = 32, index: str | Path | None = None,
-             progress: bool = True) -> dict:
-    """Encode the store (or load `index`), search every query, score against the qrels; rank 0 writes
-    `output` (metrics JSON) and a TREC run file beside it."""
+             progress: bool = True, mode: str = "dense", weights: tuple[float, float] = (1.0, 1.0)) -> dict:
+    """Search every query, score against the qrels; rank 0 writes `output` (metrics JSON) and a TREC
+    run file beside it. `mode`: "dense" (the retriever; the store encoded, or `index` loaded),
+    "lexical" (BM25 over the pages' text layers, no model) or "hybrid" (both, fused by reciprocal
+    rank with `weights` for dense and lexical)."""
+    if mode not in SEARCH_MODES:
+        raise ConfigError(f"search mode {mode!r} is not one of {', '.join(SEARCH_MODES)}")
+    if mode != "lexical" and model_dir is None:
+        raise ConfigError(f"{mode} search needs a retriever (--model)")
     queries, qrels = read_queries(queries_path), read_qrels(qrels_path)
     store = PageStore(docs)
     for qid, judged in qrels.items():
         if qid not in queries:
             raise DataError(f"query {qid!r} has qrels but is not in {queries_path}", qrels_path, record_id=qid)
         store.check_ids(judged, qrels_path)
-    model, processor = load_retriever(model_dir)
-    ids, doc_emb = load_index(index) if index else build_index(model, processor, store, batch_size, progress)
     qids = [q for q in queries if q in qrels]
-    query_emb = encode_queries(model, processor, [queries[q] for q in qids], batch_size)
-    scores, indices = search(query_emb, doc_emb, k=100)
-    run = {qid: [ids[i] for i in indices[n].tolist()] for n, qid in enumerate(qids)}
-    result = metrics(run, qrels) | {"n_docs": len(ids)}
+    texts = [queries[q] for q in qids]
+    runs = []
+    if mode != "lexical":
+        model, processor = load_retriever(model_dir)
+        ids, doc_emb = load_index(index) if index else build_index(model, processor, store, batch_size, progress)
+        scores, indices = search(encode_queries(model, processor, texts, batch_size), doc_emb, k=RUN_DEPTH)
+        runs.append([[(ids[i], s) for i, s in zip(row_indices.tolist(), row_scores.tolist())]
+                     for row_indices, row_scores in zip(indices, scores)])
+    if mode != "dense":
+        runs.append(LexicalIndex.of_store(store).search(texts, RUN_DEPTH))
+    if mode == "hybrid":
+        rankings = [[[doc_id for doc_id, _ in ranked] for ranked in run] for run in runs]
+        runs = [[reciprocal_rank_fusion(list(pair), list(weights))[:RUN_DEPTH] for pair in zip(*rankings)]]
+    run = dict(zip(qids, runs[0]))
+    result = metrics({q: [doc_id for doc_id, _ in ranked] for q, ranked in run.items()}, qrels)
+    result |= {"n_docs": len(store), "mode": mode}
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if output and is_main:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2))
-        write_run(output.with_suffix(".trec"), qids, ids, scores, indices)
+        write_run(output.with_suffix(".trec"), run)
     return result
 
 

@@ -1,7 +1,10 @@
-"""Page search for the web UI's Retrieval tab: a retriever, a page store and its index, queried by text.
+"""Page search for the web UI's Retrieval tab and `vlmkit retriever search`: a page store queried
+by text, densely (a retriever), lexically (BM25 over the pages' text layers) or both, fused.
 
-The index is `vlmkit retriever index`'s file when one is given, else the store is encoded
-once at start-up. Search is `vlmkit.eval.retrieval.search`: exact, best first.
+The dense index is `vlmkit retriever index`'s file when one is given, else the store is encoded
+once at start-up; dense search is `vlmkit.eval.retrieval.search`, exact, best first. Hybrid
+search fuses the two rankings by reciprocal rank (`vlmkit.eval.lexical`); a store with no text
+layer (images only) is searched densely alone.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from PIL import Image
 
 from vlmkit.data.page_store import PageStore
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.eval.retrieval import build_index, encode_queries, load_index, search
+from vlmkit.eval.lexical import LexicalIndex, reciprocal_rank_fusion
+from vlmkit.eval.retrieval import RUN_DEPTH, SEARCH_MODES, build_index, encode_queries, load_index, search
 
 RETRIEVER_TYPE = "vlmkit_retriever"  # config.json model_type of a saved VLMRetriever
 
@@ -42,10 +46,22 @@ class Hit:
 
 
 class PageSearch:
-    """Top pages of a store for a text query."""
+    """Top pages of a store for a text query. `mode`: "dense" (needs the retriever), "lexical" (no
+    model) or "hybrid" (both; `weights` are dense's and lexical's in the fusion)."""
 
-    def __init__(self, model, processor, docs: str | Path, index: str | Path | None = None):
-        self.model, self.processor, self.store = model, processor, PageStore(docs)
+    def __init__(self, model, processor, docs: str | Path, index: str | Path | None = None, mode: str = "dense",
+                 weights: tuple[float, float] = (1.0, 1.0)):
+        if mode not in SEARCH_MODES:
+            raise ConfigError(f"search mode {mode!r} is not one of {', '.join(SEARCH_MODES)}")
+        if mode != "lexical" and model is None:
+            raise ConfigError(f"{mode} search needs a retriever")
+        self.model, self.processor, self.store, self.weights = model, processor, PageStore(docs), weights
+        self.lexical = LexicalIndex.of_store(self.store) if mode != "dense" else None
+        if mode == "hybrid" and not len(self.lexical):
+            mode, self.lexical = "dense", None  # images only: nothing for BM25 to read
+        self.mode = mode
+        if mode == "lexical":
+            return
         if index:
             self.ids, self.embeddings = load_index(index)
         else:
@@ -55,10 +71,22 @@ class PageSearch:
             raise DataError(f"{len(missing)} page(s) of the index are not in the store, e.g. {missing[0]!r}; "
                             "give the store the index was built from", index)
 
-    def top(self, query: str, k: int) -> list[Hit]:
-        """The `k` best pages for `query`, best first (ties: the page first in the index)."""
+    def ranked(self, query: str, k: int) -> list[tuple[str, float]]:
+        """The `k` best (page id, score) for `query`, best first (dense ties: the page first in the index)."""
         if not query.strip():
             raise ConfigError("type a query first")
-        scores, indices = search(encode_queries(self.model, self.processor, [query.strip()]), self.embeddings, k)
-        hits = zip(indices[0].tolist(), scores[0].tolist(), strict=True)
-        return [Hit(self.ids[i], score, self.store.image(self.ids[i])) for i, score in hits]
+        runs = []
+        if self.mode != "lexical":
+            depth = k if self.mode == "dense" else max(k, RUN_DEPTH)
+            scores, indices = search(encode_queries(self.model, self.processor, [query.strip()]), self.embeddings,
+                                     depth)
+            runs.append([(self.ids[i], s) for i, s in zip(indices[0].tolist(), scores[0].tolist(), strict=True)])
+        if self.lexical is not None:
+            runs.append(self.lexical.search([query.strip()], k if self.mode == "lexical" else max(k, RUN_DEPTH))[0])
+        if self.mode != "hybrid":
+            return runs[0][:k]
+        return reciprocal_rank_fusion([[doc_id for doc_id, _ in run] for run in runs], list(self.weights))[:k]
+
+    def top(self, query: str, k: int) -> list[Hit]:
+        """`ranked`, with each page's image."""
+        return [Hit(doc_id, score, self.store.image(doc_id)) for doc_id, score in self.ranked(query, k)]

@@ -1,0 +1,60 @@
+"""Lexical page search: BM25 over the pages' text layers (bm25s), and its fusion with dense search.
+
+The text layer is what `vlmkit docs render` stores with each PDF page (its `text` metadata);
+pages without one (scans, `docs add-images`) are absent from the lexical index and found by
+the dense retriever alone. What people run on their own PDFs is hybrid: BM25 finds the rare
+exact words (names, codes, numbers) a small dense model blurs, the dense model finds pages by
+meaning and by what only the image shows. The two rankings are fused by reciprocal rank
+(Cormack et al., 2009), which needs no calibration of their scores against each other.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import bm25s
+
+from vlmkit.data.page_store import PageStore
+
+STOPWORDS = "en"
+RRF_K = 60  # the constant of reciprocal rank fusion: 1 / (RRF_K + rank); 60 as in its paper
+
+
+class LexicalIndex:
+    """BM25 over page texts; pages with an empty text are left out."""
+
+    def __init__(self, ids: list[str], texts: list[str]):
+        kept = [(doc_id, text) for doc_id, text in zip(ids, texts, strict=True) if text.strip()]
+        self.ids = [doc_id for doc_id, _ in kept]
+        self.bm25 = bm25s.BM25()
+        if kept:
+            self.bm25.index(bm25s.tokenize([text for _, text in kept], stopwords=STOPWORDS, show_progress=False),
+                            show_progress=False)
+
+    @classmethod
+    def of_store(cls, store: PageStore) -> LexicalIndex:
+        return cls(store.ids, [store.meta(doc_id).get("text") or "" for doc_id in store.ids])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(self, queries: list[str], k: int) -> list[list[tuple[str, float]]]:
+        """The `k` best pages for each query, best first, as (page id, BM25 score); pages that share
+        no word with the query are not listed."""
+        if not self.ids:
+            return [[] for _ in queries]
+        tokens = bm25s.tokenize(queries, stopwords=STOPWORDS, show_progress=False)
+        found, scores = self.bm25.retrieve(tokens, k=min(k, len(self.ids)), show_progress=False, n_threads=1)
+        return [[(self.ids[int(i)], float(s)) for i, s in zip(row, row_scores) if s > 0]
+                for row, row_scores in zip(found, scores)]
+
+
+def reciprocal_rank_fusion(rankings: list[list[str]], weights: list[float], k: int = RRF_K) -> list[tuple[str, float]]:
+    """One ranking from several: each page scores the sum over rankings of weight / (k + rank).
+    Ties keep the order in which the pages were first met. Hand-written: five lines, where ranx's
+    fusion would bring numba (a JIT compiler) for them."""
+    scores: dict[str, float] = defaultdict(float)
+    for ranking, weight in zip(rankings, weights, strict=True):
+        for rank, doc_id in enumerate(ranking, 1):
+            scores[doc_id] += weight / (k + rank)
+    return sorted(scores.items(), key=lambda item: -item[1])  # sorted() is stable

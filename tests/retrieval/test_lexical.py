@@ -1,0 +1,139 @@
+"""Lexical and hybrid page search: BM25 over the text layers, reciprocal rank fusion, and both
+through `evaluate` and `PageSearch` (image-only stores fall back to dense search)."""
+
+import io
+
+import pytest
+import pytrec_eval
+from PIL import Image
+
+from tests.retrieval.conftest import make_retriever
+from vlmkit.data.page_store import PageStoreWriter
+from vlmkit.errors import ConfigError
+from vlmkit.eval import retrieval as ev
+from vlmkit.eval.lexical import RRF_K, LexicalIndex, reciprocal_rank_fusion
+from vlmkit.serve.page_search import PageSearch
+
+TEXTS = {
+    "manual.pdf#1": "Installing the printer driver: run setup and choose the network port.",
+    "manual.pdf#2": "Paper jams: open tray 2 and remove the crumpled sheet.",
+    "report.pdf#1": "Quarterly revenue grew 12 percent in the northern region.",
+    "report.pdf#2": "Headcount and hiring plans for the next fiscal year.",
+    "scan.png": "",  # an image page without a text layer
+}
+QUERIES = {"q1": "printer driver network", "q2": "paper jam tray", "q3": "revenue northern region",
+           "q4": "hiring plans"}
+QRELS = {"q1": {"manual.pdf#1": 1}, "q2": {"manual.pdf#2": 1}, "q3": {"report.pdf#1": 1}, "q4": {"report.pdf#2": 1}}
+
+
+def png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 64), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    store = tmp_path / "pages.h5"
+    with PageStoreWriter(store) as writer:
+        for n, (doc_id, text) in enumerate(TEXTS.items()):
+            writer.add(doc_id, png(("red", "green", "blue", "white", "black")[n]), {"text": text} if text else {})
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(f'{{"id": "{q}", "text": "{t}"}}\n' for q, t in QUERIES.items()))
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, j in QRELS.items() for d in j))
+    return store, queries, qrels
+
+
+def test_bm25_finds_the_page_with_the_words_and_skips_pages_without_text():
+    index = LexicalIndex(list(TEXTS), list(TEXTS.values()))
+    assert len(index) == 4 and "scan.png" not in index.ids
+    for query, page in (("printer driver", "manual.pdf#1"), ("crumpled sheet in tray", "manual.pdf#2")):
+        ranked = index.search([query], 10)[0]
+        assert ranked[0][0] == page and all(score > 0 for _, score in ranked)
+    assert index.search(["zebra xylophone"], 10) == [[]]  # no word in common: nothing listed
+    assert LexicalIndex(["a"], [""]).search(["anything"], 3) == [[]]
+
+
+def test_reciprocal_rank_fusion_adds_weighted_inverse_ranks():
+    fused = dict(reciprocal_rank_fusion([["a", "b", "c"], ["c", "a"]], [1.0, 2.0]))
+    assert fused["a"] == pytest.approx(1 / (RRF_K + 1) + 2 / (RRF_K + 2))
+    assert fused["c"] == pytest.approx(1 / (RRF_K + 3) + 2 / (RRF_K + 1))
+    assert fused["b"] == pytest.approx(1 / (RRF_K + 2))
+    assert [doc for doc, _ in reciprocal_rank_fusion([["a", "b", "c"], ["c", "a"]], [1.0, 2.0])] == ["c", "a", "b"]
+    # Equal scores keep the order in which pages were first met.
+    assert [d for d, _ in reciprocal_rank_fusion([["x", "y"], ["y", "x"]], [1.0, 1.0])] == ["x", "y"]
+
+
+def test_lexical_evaluation_equals_pytrec_eval_on_its_run_file(corpus, tmp_path):
+    store, queries, qrels = corpus
+    result = ev.evaluate(None, store, queries, qrels, output=tmp_path / "lexical.json", mode="lexical")
+    assert result["mode"] == "lexical" and result["ndcg@10"] == 1.0  # each query names its page's words
+    run = {}
+    for line in (tmp_path / "lexical.trec").read_text().splitlines():
+        qid, _, doc_id, _, score, _ = line.split()
+        run.setdefault(qid, {})[doc_id] = float(score)
+    trec = pytrec_eval.RelevanceEvaluator(QRELS, {"ndcg_cut.10"}).evaluate(run)
+    assert result["ndcg@10"] == pytest.approx(sum(m["ndcg_cut_10"] for m in trec.values()) / len(trec))
+    with pytest.raises(ConfigError, match="hybrid search needs a retriever"):
+        ev.evaluate(None, store, queries, qrels, mode="hybrid")
+
+
+def test_hybrid_fuses_the_dense_and_lexical_rankings(corpus, tmp_path, monkeypatch):
+    store, queries, qrels = corpus
+    model, processor = make_retriever(list(QUERIES.values()))
+    model.eval()
+    monkeypatch.setattr(ev, "load_retriever", lambda directory: (model, processor))
+    runs = {}
+    for mode in ("dense", "lexical", "hybrid"):
+        ev.evaluate("model", store, queries, qrels, output=tmp_path / f"{mode}.json", mode=mode, weights=(1.0, 3.0))
+        runs[mode] = {}
+        for line in (tmp_path / f"{mode}.trec").read_text().splitlines():
+            qid, _, doc_id, _, _, _ = line.split()
+            runs[mode].setdefault(qid, []).append(doc_id)
+    for qid in QUERIES:
+        expected = reciprocal_rank_fusion([runs["dense"][qid], runs["lexical"][qid]], [1.0, 3.0])
+        assert runs["hybrid"][qid] == [doc_id for doc_id, _ in expected]
+    search = PageSearch(model, processor, store, mode="hybrid", weights=(1.0, 3.0))
+    assert [doc for doc, _ in search.ranked(QUERIES["q3"], 3)] == runs["hybrid"]["q3"][:3]
+    assert search.top(QUERIES["q3"], 1)[0].image.size == (48, 64)
+
+
+def test_a_store_without_text_layers_is_searched_densely(tmp_path):
+    store = tmp_path / "images.h5"
+    with PageStoreWriter(store) as writer:
+        for n, colour in enumerate(["red", "green", "blue"]):
+            writer.add(f"img-{n}", png(colour))
+    model, processor = make_retriever(["a red page", "a blue page"])
+    hybrid = PageSearch(model.eval(), processor, store, mode="hybrid")
+    dense = PageSearch(model, processor, store, mode="dense")
+    assert hybrid.mode == "dense" and hybrid.ranked("a red page", 3) == dense.ranked("a red page", 3)
+    with pytest.raises(ConfigError, match="dense search needs a retriever"):
+        PageSearch(None, None, store, mode="dense")
+
+
+def test_mined_negatives_come_from_bm25_and_skip_the_positives_documents(corpus, tmp_path):
+    from vlmkit.cli import main
+    from vlmkit.data.page_store import PageStore
+    from vlmkit.data.pairs import Pair, build_batches, mine_negatives, read_pairs, write_pairs
+
+    store, _, _ = corpus
+    pairs = [Pair("printer network plans for the region", ["manual.pdf#1"]),
+             Pair("revenue and hiring", ["report.pdf#1"]),
+             Pair("printer driver and paper tray", ["manual.pdf#1"], ["scan.png"])]
+    write_pairs(pairs, tmp_path / "pairs.jsonl")
+    assert main(["docs", "mine-negatives", "--pairs", str(tmp_path / "pairs.jsonl"), "--docs", str(store),
+                 "--out", str(tmp_path / "mined.jsonl"), "--per-query", "2"]) == 0
+    # BM25's best pages, without the positive's document (the default rule), existing negatives first.
+    assert [p.neg for p in read_pairs(tmp_path / "mined.jsonl")] == [["report.pdf#2", "report.pdf#1"], [],
+                                                                     ["scan.png"]]
+    # With only the positive page barred, the page beside it is the hardest negative.
+    index = LexicalIndex.of_store(PageStore(store))
+    by_bm25 = lambda query: [d for d, _ in index.search([query], 10)[0]]  # noqa: E731
+    same_page = mine_negatives(pairs, by_bm25, 2, skip="same-page")
+    assert [p.neg for p in same_page] == [["report.pdf#2", "report.pdf#1"], ["report.pdf#2"],
+                                          ["scan.png", "manual.pdf#2"]]
+    batches = build_batches(same_page, 1, hard_negatives=1)  # every pair now has a negative to draw
+    assert len(batches) == 3 and all(len(item.neg) == 1 for (item,) in batches)
+    with pytest.raises(ConfigError, match="skip rule 'nearby'"):
+        mine_negatives(pairs, by_bm25, 1, skip="nearby")
