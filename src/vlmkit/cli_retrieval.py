@@ -163,12 +163,19 @@ def _retriever_demo(args) -> None:
 
 
 def _retriever_eval(args) -> None:
+    from vlmkit.errors import ConfigError
     from vlmkit.eval.retrieval import evaluate, init_distributed
 
     if args.model is None and args.mode != "lexical":
-        from vlmkit.errors import ConfigError
-
         raise ConfigError(f"--mode {args.mode} needs --model, the retriever (--mode lexical needs none)")
+    if args.beir:
+        from vlmkit.data.beir import beir_paths
+
+        if args.docs or args.queries or args.qrels:
+            raise ConfigError("give --beir DIR, or --docs, --queries and --qrels, not both")
+        args.docs, args.queries, args.qrels = beir_paths(args.beir, args.split)
+    elif not (args.docs and args.queries and args.qrels):
+        raise ConfigError("give --docs, --queries and --qrels (or --beir DIR, a BEIR-style folder)")
     init_distributed()
     # By default beside the model, one file per mode; lexical search without a model writes only --output.
     name = "retrieval_metrics.json" if args.mode == "dense" else f"retrieval_metrics_{args.mode}.json"
@@ -286,9 +293,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rsearch.set_defaults(func=_retriever_search)
     reval = retriever.add_parser("eval", help="nDCG@5/@10, recall@10 and MRR@10 on queries + qrels")
     reval.add_argument("--model", help="the retriever (not needed with --mode lexical)")
-    reval.add_argument("--docs", required=True, help="the corpus, a page store")
-    reval.add_argument("--queries", required=True, help='JSONL of {"id", "text"}')
-    reval.add_argument("--qrels", required=True, help="TSV with header query-id, corpus-id, score")
+    reval.add_argument("--docs", help="the corpus, a page store")
+    reval.add_argument("--queries", help='JSONL of {"id", "text"}')
+    reval.add_argument("--qrels", help="TSV with header query-id, corpus-id, score")
+    reval.add_argument("--beir", metavar="DIR", help="instead: a BEIR/ViDoRe-style folder (corpus.jsonl naming page "
+                       "images, queries.jsonl, qrels/SPLIT.tsv); its corpus becomes DIR/corpus.h5")
+    reval.add_argument("--split", default="test", help="with --beir: the qrels file (default: test)")
     reval.add_argument("--output", help="metrics JSON (a TREC run file goes beside it)")
     reval.add_argument("--index", help="use this index instead of encoding the store")
     reval.add_argument("--batch-size", type=int, default=32)

@@ -2,6 +2,7 @@
 through `evaluate` and `PageSearch` (image-only stores fall back to dense search)."""
 
 import io
+import json
 
 import pytest
 import pytrec_eval
@@ -137,3 +138,39 @@ def test_mined_negatives_come_from_bm25_and_skip_the_positives_documents(corpus,
     assert len(batches) == 3 and all(len(item.neg) == 1 for (item,) in batches)
     with pytest.raises(ConfigError, match="skip rule 'nearby'"):
         mine_negatives(pairs, by_bm25, 1, skip="nearby")
+
+
+def test_a_beir_style_folder_evaluates_as_pytrec_eval_scores_its_run(tmp_path):
+    from vlmkit.cli import main
+
+    folder = tmp_path / "beir"
+    (folder / "images").mkdir(parents=True)
+    (folder / "qrels").mkdir()
+    rows = []
+    for n, (doc_id, text) in enumerate(TEXTS.items()):
+        name = f"images/{n}.png"
+        (folder / name).write_bytes(png(("red", "green", "blue", "white", "black")[n]))
+        rows.append({"_id": doc_id, "image": name} | ({"text": text} if text else {}))
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "queries.jsonl").write_text("".join(f'{{"_id": "{q}", "text": "{t}"}}\n' for q, t in QUERIES.items()))
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, j in QRELS.items() for d in j))
+    out = tmp_path / "metrics.json"
+    assert main(["retriever", "eval", "--beir", str(folder), "--mode", "lexical", "--output", str(out)]) == 0
+    assert (folder / "corpus.h5").is_file()  # the corpus as a page store, reused next time
+    result = json.loads(out.read_text())
+    run = {}
+    for line in out.with_suffix(".trec").read_text().splitlines():
+        qid, _, doc_id, _, score, _ = line.split()
+        run.setdefault(qid, {})[doc_id] = float(score)
+    trec = pytrec_eval.RelevanceEvaluator(QRELS, {"ndcg_cut.10"}).evaluate(run)
+    assert result["ndcg@10"] == pytest.approx(sum(m["ndcg_cut_10"] for m in trec.values()) / len(trec))
+    assert result["n_docs"] == len(TEXTS) and result["n_queries"] == len(QUERIES)
+    # A row naming a missing image is an error naming the corpus file, line and id.
+    from vlmkit.data.beir import beir_paths
+    from vlmkit.errors import DataError
+
+    (folder / "corpus.jsonl").write_text('{"_id": "ok", "image": "images/0.png"}\n{"_id": "lost", "image": "x.png"}\n')
+    with pytest.raises(DataError, match=r"corpus\.jsonl:2 \(id 'lost'\): image .*x\.png: image file not found"):
+        beir_paths(folder)
+    assert main(["retriever", "eval", "--beir", str(folder), "--mode", "lexical", "--output", str(out)]) == 2

@@ -44,7 +44,8 @@ TREC_MEASURES = {"ndcg@5": "ndcg_cut_5", "ndcg@10": "ndcg_cut_10", "recall@10": 
 
 
 def read_queries(path: str | Path) -> dict[str, str]:
-    """Query id -> text, in file order; an empty text or a repeated id is a DataError."""
+    """Query id -> text, in file order (ids as "id", or BEIR's "_id"); an empty text or a repeated id
+    is a DataError."""
     path, queries = Path(path), {}
     if not path.is_file():
         raise DataError("queries file not found", path)
@@ -53,9 +54,9 @@ def read_queries(path: str | Path) -> dict[str, str]:
             continue
         try:
             raw = json.loads(line)
-            qid, text = str(raw["id"]), raw["text"]
+            qid, text = str(raw["id"] if "id" in raw else raw["_id"]), raw["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError('each line must be a JSON object with "id" and "text"', path, number) from None
+            raise DataError('each line must be a JSON object with "id" (or "_id") and "text"', path, number) from None
         if not isinstance(text, str) or not text.strip():
             raise DataError("the query text is empty", path, number, qid)
         if qid in queries:
