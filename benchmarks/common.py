@@ -86,6 +86,51 @@ def matmul_peak(dev: str, dtype: torch.dtype, n: int, repeats: int = 5) -> float
     return 2 * n**3 / result["min_s"]  # the best run: the machine's capability, not its noise
 
 
+# A figure is flagged as taken under load when, just before or just after its script, other
+# processes used more than this share of the machine's cores, or the matmul probe ran below
+# this share of the best probe of the run.
+LOAD_SHARE, PEAK_SHARE = 0.15, 0.85
+
+
+def _cpu_busy_seconds() -> float | None:
+    """CPU seconds every process on the machine has spent busy since boot (Linux's /proc/stat)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def load_probe(n: int = 1024, seconds: float = 1.0) -> dict:
+    """How free the machine is right now: float32 matmul throughput (median of the products run
+    for about `seconds`) and the share of all cores that *other* processes kept busy meanwhile
+    (the machine's busy CPU time minus this process's own)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    busy, own, start = _cpu_busy_seconds(), time.process_time(), time.perf_counter()
+    times = []
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        began = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - began)
+    elapsed = time.perf_counter() - start
+    others = None
+    if busy is not None:
+        others = max(0.0, (_cpu_busy_seconds() - busy) - (time.process_time() - own)) / (elapsed * os.cpu_count())
+    return {"matmul_gflops": 2 * n**3 / statistics.median(times) / 1e9, "others_share": others}
+
+
+def load_problem(probes: list[dict], best_gflops: float) -> str | None:
+    """Why figures taken between these probes were taken under load, or None."""
+    for probe in probes:
+        if probe["others_share"] is not None and probe["others_share"] > LOAD_SHARE:
+            return f"other processes kept {probe['others_share']:.0%} of the cores busy"
+        if probe["matmul_gflops"] < PEAK_SHARE * best_gflops:
+            return f"the matmul probe ran at {probe['matmul_gflops'] / best_gflops:.0%} of the run's best"
+    return None
+
+
 def _status_mib(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -165,7 +210,8 @@ def _fmt(x) -> str:
 def print_table(entries: list[dict], title: str | None = None) -> None:
     """A table of entries: rich when installed, plain text otherwise."""
     headers = ("figure", "value", "unit", "reference", "ratio", "target", "met")
-    rows = [(e["name"], _fmt(e["value"]), e["unit"], f"{_fmt(e['reference'])} ({e['reference_name'] or '-'})",
+    rows = [(e["name"] + (" [UNDER LOAD]" if e.get("loaded") else ""), _fmt(e["value"]), e["unit"],
+             f"{_fmt(e['reference'])} ({e['reference_name'] or '-'})",
              _fmt(e["ratio"]), e["target"] or "", {True: "yes", False: "MISS", None: ""}[e["met"]])
             for e in entries]
     try:

@@ -11,6 +11,11 @@ time), and all of them together a budget (--budget, 20 minutes full size): a scr
 without time is an entry saying so. Full-size runs copy the plots to docs/.
 Expected time on a 2-core CPU: about 14 minutes full size (measured with one thread: an
 upper bound), 5 small.
+
+Before and after each script a one-second probe (`common.load_probe`) measures how much of the
+machine other processes use and how fast a matmul runs; a script whose probes show other work
+on more than 15% of the cores, or a matmul below 85% of the run's best probe, has its figures
+marked "taken under load" in results.json and in the table, with the reason.
 """
 
 from __future__ import annotations
@@ -71,9 +76,21 @@ def main() -> None:
     started = time.perf_counter()
     deadline = started + (args.budget or (600 if args.small else 1200))
     entries, scripts = [], {}
+    probe = common.load_probe()
     for name in names:
+        before = probe
         got, scripts[name] = run_one(name, args.small, out.parent / "parts", deadline - time.perf_counter())
+        probe = common.load_probe()
+        scripts[name]["load_probes"] = [before, probe]
         entries += [{**e, "script": name} for e in got]
+    best = max(p["matmul_gflops"] for s in scripts.values() for p in s.get("load_probes", []))
+    for name, status in scripts.items():
+        problem = common.load_problem(status.get("load_probes", []), best)
+        status["under_load"] = problem
+        for e in entries:
+            if e.get("script") == name and problem:
+                e["loaded"] = True
+                e["note"] = "; ".join(n for n in (e["note"], f"taken under load: {problem}") if n)
     if args.only and out.is_file():  # keep the figures of the scripts not run this time
         previous = json.loads(out.read_text())
         entries = [e for e in previous["entries"] if e.get("script") not in names] + entries

@@ -131,6 +131,7 @@ class TrainConfig:
     # learning alone against the frozen LM until then (LLaVA's two stages in one run).
     lm_start: float = 0.0
     torch_compile: bool = False
+    peak_flops: float = 0.0  # the device's FLOP/s for the MFU shown while training; 0: a matmul timed at the start
     optimizer: str = "adamw"  # or "muon": Muon for the LM's hidden matrices, AdamW for the rest (train/muon.py)
     fsdp: str = ""  # transformers' fsdp option, e.g. "full_shard auto_wrap"; see configs/fsdp.yaml
     fsdp_config: dict = field(default_factory=dict)

@@ -56,7 +56,7 @@ def run_dpo(cfg: RunConfig, log=print) -> Path:
     if eval_set is not None:
         metrics["eval_preference_accuracy_before"] = preference_accuracy(score_pairs(trainer.model, eval_set, collator))
 
-    result, seconds = stage.fit(trainer, checkpoint, log)
+    result, seconds = stage.fit(trainer, checkpoint, log, cfg.train.peak_flops)
     metrics.update(result.metrics)
     after = score_pairs(trainer.model, train_set, collator)
     metrics["train_preference_accuracy_after"] = preference_accuracy(after)

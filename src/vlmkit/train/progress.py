@@ -1,26 +1,34 @@
-"""A training progress bar with loss, learning rate, tokens/s and ETA (tqdm), as a Trainer callback."""
+"""A training progress bar with loss, learning rate, tokens/s, MFU and ETA (tqdm), as a Trainer callback."""
 
 from __future__ import annotations
 
 import time
 
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+
+from vlmkit.train import mfu
 
 
 class ProgressBar(TrainerCallback):
     """Replaces the Trainer's bar: one line that keeps the latest loss and throughput in view."""
 
-    def __init__(self):
+    def __init__(self, peak_flops: float = 0.0):
         self.bar = None
-        self.last_time = self.last_tokens = None
+        self.last_time = self.last_tokens = self.last_flos = None
         self.postfix = {}
+        self.peak_flops = peak_flops  # of one process; 0: measured when training starts (train/mfu.py)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                             dynamic_ncols=True)
-        self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+            if not self.peak_flops:
+                dtype = torch.bfloat16 if args.bf16 else torch.float32
+                self.peak_flops = mfu.measured_peak(dtype, args.device)
+        self.last_time, self.last_tokens, self.last_flos = time.perf_counter(), state.num_input_tokens_seen, \
+            state.total_flos
         self.postfix = {}
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -41,9 +49,12 @@ class ProgressBar(TrainerCallback):
         if "time_left_s" in logs:  # a time-budgeted run (vlmkit/train/time_budget.py)
             postfix["time left"] = f"{logs['time_left_s']:.0f}s"
         if tokens and tokens > self.last_tokens and now > self.last_time:
-            # The Trainer sums the count over all processes, so this is the whole job's rate.
+            # The Trainer sums the counts over all processes, so these are the whole job's rates.
             postfix["tok/s"] = f"{(tokens - self.last_tokens) / (now - self.last_time):,.0f}"
-            self.last_time, self.last_tokens = now, tokens
+            if state.total_flos > self.last_flos and self.peak_flops:
+                flops = (state.total_flos - self.last_flos) / (now - self.last_time)
+                postfix["MFU"] = f"{flops / (self.peak_flops * args.world_size):.1%}"
+            self.last_time, self.last_tokens, self.last_flos = now, tokens, state.total_flos
         self.bar.set_postfix(postfix, refresh=True)
 
     def on_train_end(self, args, state, control, **kwargs):

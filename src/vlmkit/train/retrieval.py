@@ -101,7 +101,7 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
     log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
 
     trainer = make_trainer(cfg, model, processor, pairs, store, rates)
-    result, seconds = stage.fit(trainer, checkpoint, log)
+    result, seconds = stage.fit(trainer, checkpoint, log, cfg.train.peak_flops)
     summary = {"n_params": sum(p.numel() for p in model.parameters()), "n_pairs": len(pairs),
                "batches_per_epoch": len(trainer.train_dataset), "metrics": dict(result.metrics),
                "cuda": torch.cuda.is_available()}

@@ -109,7 +109,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         optimizer_name=cfg.train.optimizer,
         lm_start=cfg.train.lm_start,
     )
-    result, seconds = stage.fit(trainer, checkpoint, log)
+    result, seconds = stage.fit(trainer, checkpoint, log, cfg.train.peak_flops)
     metrics = dict(result.metrics)
     if eval_set is not None:
         metrics.update(trainer.evaluate())

@@ -40,14 +40,16 @@ def begin(cfg, command: str, log=print) -> tuple[Path, str | None]:
     return out, checkpoint
 
 
-def fit(trainer: Trainer, checkpoint: str | None, log=print) -> tuple[TrainOutput, float]:
-    """Train with vlmkit's progress bar; the Trainer's result and the seconds training took.
+def fit(trainer: Trainer, checkpoint: str | None, log=print, peak_flops: float = 0.0) -> tuple[TrainOutput, float]:
+    """Train with vlmkit's progress bar (tokens/s and MFU against `peak_flops`, else a matmul timed
+    at the start: train/mfu.py); the Trainer's result, with the run's `mfu`, and the seconds it took.
 
     Resuming a run that had already reached its last step trains nothing: transformers' loop
     would take one step more before it looks at the count, and change the finished weights.
     The checkpoint's weights are loaded instead, for `finish` to save."""
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBar())
+    bar = ProgressBar(peak_flops)
+    trainer.add_callback(bar)
     if checkpoint is not None:
         state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
         target = trainer.args.max_steps if trainer.args.max_steps > 0 else state.max_steps
@@ -61,7 +63,10 @@ def fit(trainer: Trainer, checkpoint: str | None, log=print) -> tuple[TrainOutpu
             return TrainOutput(state.global_step, 0.0, {}), 0.0
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    return result, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if bar.peak_flops and result.metrics.get("total_flos"):  # the whole run's MFU, for train_summary.json
+        result.metrics["mfu"] = result.metrics["total_flos"] / seconds / (bar.peak_flops * trainer.args.world_size)
+    return result, seconds
 
 
 def finish(trainer: Trainer, cfg, out: Path, seconds: float, summary: dict, log=print, *,

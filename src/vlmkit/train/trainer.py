@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlmkit.config import LearningRates, RunConfig
 from vlmkit.errors import ConfigError
-from vlmkit.train import distributed, muon, precision
+from vlmkit.train import distributed, mfu, muon, precision
 from vlmkit.train.time_budget import TimeBudget, TimeBudgetCallback
 
 # What every training stage writes beside its model.
@@ -139,6 +139,15 @@ class VLMTrainer(Trainer):
         if time_budget > 0:  # settings checked by time_budget.check, through stage.begin
             self.time_budget = TimeBudget(time_budget, self.args.warmup_steps)
             self.add_callback(TimeBudgetCallback(self.time_budget))
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """A step's training FLOPs as MFU counts them (train/mfu.py); transformers' default would
+        charge every parameter, the vision tower's included, to every text token."""
+        if "input_ids" not in inputs:  # a retriever's query/page batches: not counted
+            return 0
+        if getattr(self, "_flops_per_token", None) is None:
+            self._flops_per_token = mfu.flops_per_token(self.model)
+        return self._flops_per_token * inputs["input_ids"].numel()
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # A tied LM head is saved once, as the embeddings, and comes back through the tie: its key
