@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick demo-scratch models demo-retrieval test test-slow test-all clean chromium bench
+.PHONY: demo demo-quick demo-scratch models demo-retrieval test test-slow test-all clean chromium bench gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,12 @@ bench: $(STAMP)
 	$(call apt_install,pdftoppm,poppler-utils,the pdftoppm reference is left empty)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
+
+# The figures a GPU machine is lent for (docs/benchmarks.md), at most about 8 minutes on one H100
+# or H200; there it needs only a CUDA PyTorch with transformers: PYTHONPATH=src python
+# benchmarks/gpu_check.py. On a CPU it runs its tiny dry run, as `make test` does.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out runs/gpu_check.json $(if $(shell $(BIN)/python -c "import torch; print(torch.cuda.is_available() or '')" 2>/dev/null),,--dry-run)
 
 clean:
 	rm -rf runs data/synth data/synth-quick data/synth-scratch data/synth-docs
