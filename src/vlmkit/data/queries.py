@@ -1,9 +1,11 @@
-"""Synthetic queries for a page store: generate them with a VLM, filter them with an LM, turn them into pairs.
+"""Synthetic queries for a page store: generate them with a model, filter them with an LM, turn them into pairs.
 
-`generate_queries` asks a vlmkit VLM, in batches, for one search query per page (the prompt
-is a text file the user can change). `filter_queries` keeps the queries a few-shot
-classifier judges specific to one page and drops the context-dependent ones ("What is the
-date in the letter?"): it compares the model's probability of answering "yes" and "no".
+`generate_queries` asks a model, in batches, for one search query per page (the prompt is a
+text file the user can change): a vlmkit VLM reads the page image, any instruction-tuned
+causal LM (SmolLM2 from `vlmkit models fetch`, say) reads the page's text layer.
+`filter_queries` keeps the queries a few-shot classifier judges specific to one page and
+drops the context-dependent ones ("What is the date in the letter?"): it compares the
+model's probability of answering "yes" and "no", as MiniCPM-Visual-Embedding does.
 Both append to their output after every batch and skip what is already there, so an
 interrupted run goes on where it stopped. `text_layer_queries` needs no model: it takes spans
 of a PDF page's own text layer as queries (the Inverse Cloze Task's weak supervision), for
@@ -25,12 +27,16 @@ from tqdm import tqdm
 
 from vlmkit.data.page_store import PageStore
 from vlmkit.data.pairs import Pair, split_by_document, write_pairs
-from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import DataError
-from vlmkit.model.generation import generate_batch
+from vlmkit.model.generation import ChatModel
+from vlmkit.processing.markers import IMAGE_MARKER
 
 GENERATE_PROMPT = (f"{IMAGE_MARKER}\nWrite one search query that this page answers and that no other page "
                    "would. Reply with the query only.")
+# For a language model without a vision tower: the page's text layer stands where the image would.
+TEXT_PROMPT = ("Here is the text of one page of a document:\n\n{text}\n\nWrite one search query that this "
+               "page answers and that no other page would. Reply with the query only.")
+MAX_PAGE_CHARS = 2000  # of a text layer put in the prompt: about 500 tokens, the page's start
 FILTER_PROMPT = """Does the search query identify one specific page on its own? Answer yes or no.
 Query: What was Acme's revenue in Q3 2021? Answer: yes
 Query: What is the date in the letter? Answer: no
@@ -59,22 +65,33 @@ def _prompt(prompt_file: str | Path | None, default: str) -> str:
 
 
 @torch.no_grad()
-def generate_queries(model, processor, store: PageStore, out: str | Path, prompt_file: str | Path | None = None,
-                     batch_size: int = 8, max_new_tokens: int = 48, progress: bool = True):
-    """Append one generated query per page not yet in `out`; returns (written, empty replies)."""
-    out, prompt = Path(out), _prompt(prompt_file, GENERATE_PROMPT)
-    if IMAGE_MARKER not in prompt:
+def generate_queries(chat: ChatModel, store: PageStore, out: str | Path, prompt_file: str | Path | None = None,
+                     batch_size: int = 8, max_new_tokens: int = 48, progress: bool = True) -> tuple[int, int, int]:
+    """Append one generated query per page not yet in `out`; returns (written, empty replies, pages
+    skipped for having no text layer, when `chat` reads text only)."""
+    out = Path(out)
+    prompt = _prompt(prompt_file, GENERATE_PROMPT if chat.sees_images else TEXT_PROMPT)
+    if chat.sees_images and IMAGE_MARKER not in prompt:
         prompt = f"{IMAGE_MARKER}\n{prompt}"
+    if not chat.sees_images and "{text}" not in prompt:
+        raise DataError("a prompt for a language model must contain {text} where the page's text goes", prompt_file)
     done = {r["doc_id"] for r in _read_done(out).values()}
     todo = [doc_id for doc_id in store.ids if doc_id not in done]
+    texts = {} if chat.sees_images else {d: (store.meta(d).get("text") or "").strip() for d in todo}
+    no_text = [d for d in todo if d in texts and not texts[d]]
+    todo = [d for d in todo if d not in no_text]
     written = empty = 0
     with out.open("a", encoding="utf-8") as handle:
         for start in tqdm(range(0, len(todo), batch_size), desc="queries", unit="batch", disable=not progress):
             doc_ids = todo[start:start + batch_size]
-            images = [store.image(doc_id) for doc_id in doc_ids]
-            rows = [processor.encode_text([{"role": "user", "content": prompt}], [plan], add_generation_prompt=True)
-                    ["input_ids"] for plan in processor.plans(images)]
-            for doc_id, text in zip(doc_ids, generate_batch(model, processor, rows, images, max_new_tokens)):
+            if chat.sees_images:
+                images = [store.image(doc_id) for doc_id in doc_ids]
+                rows = [chat.encode([{"role": "user", "content": prompt}], [image]) for image in images]
+            else:
+                images = []
+                rows = [chat.encode([{"role": "user", "content": prompt.replace("{text}", texts[d][:MAX_PAGE_CHARS])}])
+                        for d in doc_ids]
+            for doc_id, text in zip(doc_ids, chat.replies(rows, max_new_tokens, images)):
                 text = " ".join(text.split())
                 if not text:
                     empty += 1  # not written: a later run tries the page again
@@ -82,11 +99,11 @@ def generate_queries(model, processor, store: PageStore, out: str | Path, prompt
                 handle.write(json.dumps({"id": f"{doc_id}::q", "doc_id": doc_id, "text": text}) + "\n")
                 written += 1
             handle.flush()
-    return written, empty
+    return written, empty, len(no_text)
 
 
 @torch.no_grad()
-def filter_queries(model, processor, queries: str | Path, out: str | Path, prompt_file: str | Path | None = None,
+def filter_queries(chat: ChatModel, queries: str | Path, out: str | Path, prompt_file: str | Path | None = None,
                    batch_size: int = 16, threshold: float = 0.5, progress: bool = True) -> tuple[int, int]:
     """Append a keep/drop decision for every query not yet in `out`; returns (kept, dropped) this run."""
     out, template = Path(out), _prompt(prompt_file, FILTER_PROMPT)
@@ -94,14 +111,13 @@ def filter_queries(model, processor, queries: str | Path, out: str | Path, promp
         raise DataError("the filter prompt must contain {query} where the query goes", prompt_file)
     decided = _read_done(out)
     records = [r for r in _read_done(Path(queries)).values() if r["id"] not in decided]
-    tokenizer = processor.tokenizer
+    tokenizer, model = chat.tokenizer, chat.model
     yes, no = (tokenizer.encode(word, add_special_tokens=False)[0] for word in ("yes", "no"))
     kept = dropped = 0
     with out.open("a", encoding="utf-8") as handle:
         for start in tqdm(range(0, len(records), batch_size), desc="filter", unit="batch", disable=not progress):
             batch = records[start:start + batch_size]
-            rows = [processor.encode_text([{"role": "user", "content": template.replace("{query}", r["text"])}], [],
-                                          add_generation_prompt=True)["input_ids"] for r in batch]
+            rows = [chat.encode([{"role": "user", "content": template.replace("{query}", r["text"])}]) for r in batch]
             # Right padding keeps every row's positions exact; the answer is read at its own last token.
             ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
             mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)

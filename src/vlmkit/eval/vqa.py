@@ -77,7 +77,8 @@ def answer_questions(model, processor: VLMProcessor, questions: list[Question], 
         images = [open_image(path) for q in batch for path in q.record.images[: q.prompt["n_images"]]]
         if blind:
             images = [blank_like(image, processor.image_processor.image_mean) for image in images]
-        texts = generate_batch(model, processor, [q.prompt["input_ids"] for q in batch], images, max_new_tokens)
+        texts = generate_batch(model, processor.tokenizer, [q.prompt["input_ids"] for q in batch], max_new_tokens,
+                               processor.image_inputs(images))
         for i, text in zip(order[start:start + batch_size], texts):
             answers[i] = text.strip()
     return answers
