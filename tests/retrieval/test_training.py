@@ -83,7 +83,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(docs_dir, tmp_path, mo
     assert max(float((whole[k] - parts[k]).abs().max()) for k in whole) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["retriever-tiny", "retriever-from-vlm"])
+@pytest.mark.parametrize("name", ["retriever-tiny", "retriever-from-vlm", "retriever-pretrained"])
 def test_packaged_recipes_load(name):
     from importlib import resources
 
@@ -91,3 +91,23 @@ def test_packaged_recipes_load(name):
     assert cfg.train.batch_size >= 32 and cfg.retrieval.temperature < 0.1
     with pytest.raises(ConfigError, match="unknown key"):
         load_retriever_config(None, ["retrieval.poolin=mean"])
+
+
+def test_the_pretrained_recipe_trains_a_step_on_the_real_weights(pretrained_checkpoints, docs_dir, pairs, tmp_path):
+    # The recipe as shipped (DINOv2-small + SmolLM2, slicing, pixel shuffle, GradCache), one step of
+    # 4 pairs in micro-batches of 2: what it builds, that it trains, and that its pages fit 5 x 64 tokens.
+    small = tmp_path / "pairs.jsonl"
+    distinct = list({p.pos[0]: p for p in pairs}.values())[:4]  # four pages, one query each
+    small.write_text("".join(json.dumps({"query": p.query, "pos": p.pos}) + "\n" for p in distinct))
+    cfg = load_retriever_config("retriever-pretrained", [
+        f"data.train={small}", f"data.docs={docs_dir / 'train_docs.h5'}", f"train.output_dir={tmp_path / 'r'}",
+        "train.batch_size=4", "train.max_steps=1", "retrieval.grad_cache_micro_batch_size=2", "train.report_to=[]"])
+    out = retrieval_run.run(cfg, log=lambda *args: None)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 1 and summary["metrics"]["train_loss"] > 0
+    from vlmkit.eval.retrieval import load_retriever
+    from vlmkit.model.tokens import image_token_spec, num_image_tokens
+
+    model, processor = load_retriever(out)
+    assert model.config.vision_config.model_type == "dinov2" and processor.image_processor.slicing == "minicpm"
+    assert num_image_tokens(image_token_spec(model.config)) == 64  # per view: 16x16 patches folded 2x2
