@@ -30,6 +30,7 @@ from vlmkit.data.synth import DATA_VERSION, DEFAULT_SIZES, synth
 from vlmkit.eval import language
 from vlmkit.eval.vqa import evaluate, write_results
 from vlmkit.export.llava import save_llava
+from vlmkit.files import write_text_atomic
 from vlmkit.model.build import checkpoint_dir
 from vlmkit.model.pretrained import fetch
 from vlmkit.serve.generation import load_for_inference
@@ -140,9 +141,7 @@ def run_demo(out: Path, data: Path, quick: bool = False) -> dict:
         "llava_export": str(export),
     }
     path = out / "metrics.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(metrics, indent=2))
     _report(metrics, test_rows, text)
     print(f"\nwrote {path}; model in {out / 'model'}, its LLaVA export in {export}\n"
           f"try: vlmkit chat --model {out / 'model'} --image IMAGE 'What colour is the circle?'")

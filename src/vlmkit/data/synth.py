@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from vlmkit.data.scenes import CELLS, COLOURS, PLURALS, SHAPES, SIZES, WORDS, Obj, Scene, caption, fact_list, render
 from vlmkit.data.workers import worker_pool
+from vlmkit.files import write_text_atomic
 
 CATEGORIES = ("colour", "shape", "count", "position", "size", "existence", "text", "compare")
 # One held-out pair per colour; each shape keeps at least three colours in training.
@@ -328,5 +329,5 @@ def synth(out_dir: Path, seed: int = 0, sizes: dict | None = None, turns: int = 
                                        workers, progress)
     info = {"version": DATA_VERSION, "seed": seed, "image_size": image_size, "turns": turns, "sizes": sizes,
             "categories": CATEGORIES, "held_out_pairs": sorted(HELD_OUT_PAIRS)}
-    (out_dir / "info.json").write_text(json.dumps(info, indent=2))
+    write_text_atomic(out_dir / "info.json", json.dumps(info, indent=2))
     return paths

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from vlmkit.data.page_store import PageStoreWriter
 from vlmkit.data.pairs import Pair, write_pairs
 from vlmkit.data.scenes import COLOURS, SHAPES, SUPERSAMPLE, WORDS, _draw_shape, _font, _jitter
+from vlmkit.files import write_text_atomic
 
 KINDS = (*SHAPES, "chart")
 PLACES = ("top left", "top right", "bottom left", "bottom right")
@@ -130,6 +131,6 @@ def synth_docs(out: str | Path, n_train: int = len(ALL_KEYS), n_test: int = 200,
             queries.write(json.dumps({"id": f"q{i:05d}", "text": query(key, rng)}) + "\n")
             qrels.write(f"q{i:05d}\t{doc_id}\t1\n")
     info = {"seed": seed, "size": size, "n_train": n_train, "n_test": n_test, "n_pairs": len(pairs)}
-    (out / "info.json").write_text(json.dumps(info, indent=2))
+    write_text_atomic(out / "info.json", json.dumps(info, indent=2))
     names = ("train_docs.h5", "test_docs.h5", "train_pairs.jsonl", "test_queries.jsonl", "test_qrels.tsv")
     return {name: out / name for name in names}

@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw
 from vlmkit.data.scenes import COLOURS, SHAPES, _draw_shape, _jitter
 from vlmkit.data.workers import worker_pool
 from vlmkit.errors import ConfigError
+from vlmkit.files import write_text_atomic
 
 # Lengths are in pixels of a 256 px image and scale with `image_size`, so the claim holds at any size.
 # Every pattern repeats every PERIOD pixels along each axis it varies on. Bicubic downscaling by 4
@@ -214,7 +215,7 @@ def synth_highres(out_dir: Path, seed: int = 0, sizes: dict | None = None, image
             "object_size": list(object_size),
             "sizes": sizes, "answers": PATTERNS,
             "slice_grids": SLICE_GRIDS, "majority_baseline": baseline}
-    (out_dir / "info.json").write_text(json.dumps(info, indent=2))
+    write_text_atomic(out_dir / "info.json", json.dumps(info, indent=2))
     return paths
 
 

@@ -31,6 +31,7 @@ from vlmkit.data.page_store import PageStore
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.exact_search import search_topk as search  # exact top-k, ties to the lower index
 from vlmkit.eval.lexical import LexicalIndex, reciprocal_rank_fusion
+from vlmkit.files import write_text_atomic
 from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs
 from vlmkit.processing.processor import VLMProcessor
 
@@ -188,10 +189,9 @@ def metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict
 def write_run(path: str | Path, run: dict[str, list[tuple[str, float]]], tag: str = "vlmkit") -> None:
     """A TREC run file: `qid Q0 docid rank score tag`, one line per retrieved page (pytrec_eval reads
     these but cannot write them)."""
-    with Path(path).open("w", encoding="utf-8") as handle:
-        for qid, ranked in run.items():
-            for rank, (doc_id, score) in enumerate(ranked, 1):
-                handle.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
+    lines = [f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n"
+             for qid, ranked in run.items() for rank, (doc_id, score) in enumerate(ranked, 1)]
+    write_text_atomic(path, "".join(lines))
 
 
 def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str | Path, qrels_path: str | Path,
@@ -232,7 +232,7 @@ def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str |
     if output and is_main:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))
+        write_text_atomic(output, json.dumps(result, indent=2))
         write_run(output.with_suffix(".trec"), run)
     return result
 

@@ -21,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.data.records import Record
-from vlmkit.processing.markers import IMAGE_MARKER
+from vlmkit.files import write_text_atomic
 from vlmkit.model.generation import generate_batch
+from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.processing.images import blank_like, open_image
 from vlmkit.processing.processor import VLMProcessor
 
@@ -121,9 +122,6 @@ def write_results(metrics: dict, rows: list[dict], metrics_path: Path) -> Path:
     metrics_path = Path(metrics_path)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     predictions_path = metrics_path.with_suffix(".predictions.jsonl")
-    for path, text in ((predictions_path, "".join(json.dumps(r) + "\n" for r in rows)),
-                       (metrics_path, json.dumps(metrics, indent=2) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text_atomic(predictions_path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     return predictions_path

@@ -17,6 +17,7 @@ from torch import nn
 
 from vlmkit.config import LearningRates, LoraSettings, ModelConfig
 from vlmkit.errors import ConfigError
+from vlmkit.files import write_text_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_DIR = "base"
@@ -120,7 +121,7 @@ def save(trainer, cfg: LoraSettings, output_dir: str | Path) -> None:
         config_file, beside = Path(output_dir) / ADAPTER_CONFIG, str((Path(output_dir) / BASE_DIR).resolve())
         config = json.loads(config_file.read_text()) if trainer.is_world_process_zero() else {}
         if config.get("base_model_name_or_path") == beside:  # named relatively, so the pair can move together
-            config_file.write_text(json.dumps({**config, "base_model_name_or_path": BASE_DIR}, indent=2))
+            write_text_atomic(config_file, json.dumps({**config, "base_model_name_or_path": BASE_DIR}, indent=2))
         return
     if trainer.is_world_process_zero():
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()

@@ -20,6 +20,7 @@ from vlmkit.config import RetrieverRunConfig, load_retriever_config
 from vlmkit.data.page_store import PageStore
 from vlmkit.data.pairs import PairBatches, check_ids, read_pairs
 from vlmkit.errors import ConfigError
+from vlmkit.files import write_text_atomic
 from vlmkit.model.build import build
 from vlmkit.model.retriever import (
     RETRIEVAL_FIELDS,
@@ -132,6 +133,6 @@ def run_demo(out: str | Path, data: str | Path, quick: bool = False, log=print) 
     metrics = evaluate(model_dir, data / "test_docs.h5", data / "test_queries.jsonl", data / "test_qrels.tsv",
                        out / "eval" / "metrics.json")
     metrics["train_seconds"] = round(summary["train_seconds"], 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     log(json.dumps(metrics, indent=2))
     return metrics

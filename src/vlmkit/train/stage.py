@@ -19,6 +19,7 @@ from transformers.trainer_utils import TrainOutput
 
 from vlmkit.config import to_yaml
 from vlmkit.errors import ConfigError
+from vlmkit.files import write_text_atomic
 from vlmkit.train import distributed, muon, precision, time_budget
 from vlmkit.train.progress import ProgressBar
 from vlmkit.train.trainer import CONFIG_FILE, SUMMARY_FILE, last_checkpoint
@@ -82,8 +83,8 @@ def finish(trainer: Trainer, cfg, out: Path, seconds: float, summary: dict, log=
         (out / TRAINING_ARGS_NAME).unlink(missing_ok=True)
     summary = {"train_seconds": seconds, "steps": trainer.state.global_step, "bf16": trainer.args.bf16, **summary}
     if trainer.is_world_process_zero():
-        (out / config_file).write_text(to_yaml(cfg))
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out / config_file, to_yaml(cfg))
+        write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))
         if skipped:
             log(f"skipped {len(skipped)} bad record(s) (--skip-bad); the first: {skipped[0]}")
         log(f"saved {what} to {out} ({summary['steps']} steps in {seconds:.0f}s)")
