@@ -19,6 +19,8 @@ The chat template is the model's own (its LM's), taught to take content lists. W
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -153,8 +155,18 @@ def export_llava(model_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def save_llava(model: VLMForConditionalGeneration, processor: VLMProcessor, out_dir: str | Path) -> Path:
+    """Write the export into a staging folder beside `out_dir`, then put it in its place: a kill
+    midway leaves the previous export (or none), never half of one."""
     check_exportable(model, processor)
     out = Path(out_dir)
-    llava_model(model).save_pretrained(out)  # safetensors
-    llava_processor(processor, model).save_pretrained(out)
+    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        llava_model(model).save_pretrained(staging)  # safetensors
+        llava_processor(processor, model).save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -1,4 +1,6 @@
-"""One model in memory, one generation at a time: the API's requests wait in a first-come queue.
+"""One model in memory, one generation at a time (`vlmkit serve --max-batch 1`, and retrievers'
+embeddings): the API's requests wait in a first-come queue. The default engine batches
+continuously on top of this one (`vlmkit.serve.batching`).
 
 Requests run one by one on a single worker thread, so a greedy answer is the same whether it
 was asked alone or among many (no batch padding to change the arithmetic). The event loop
