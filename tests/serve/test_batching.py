@@ -5,6 +5,8 @@ leaves frees its row; a failing request fails alone."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import time
 
 import pytest
 import torch
@@ -97,6 +99,9 @@ def test_stop_strings_sampling_and_a_client_that_leaves(loaded, engine):
     assert cut[0] == full[: full.index(stop)] and cut[1].finish_reason == "stop"
     assert seeded[0] == seeded[1]  # the seed gives each request its own generator
     assert again[0] == full  # the row of the client that left was freed; the batch went on
+    deadline = time.monotonic() + 5  # the batch thread drops finished rows just after their last text
+    while engine._running and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert engine._running == []
 
 
@@ -132,3 +137,45 @@ def test_32_image_questions_on_the_pretrained_weights_match_their_answers_alone(
     answers = [text for text, _ in results]
     assert answers == [alone(model, processor, job) for job in batch]
     assert len(set(answers)) > 8
+
+
+def test_concurrent_embedding_requests_share_a_forward_and_get_their_own_vectors(loaded):
+    from vlmkit.eval.retrieval import encode_queries
+    from vlmkit.model.retriever import VLMRetriever
+    from vlmkit.serve.batching import EmbeddingBatcher
+    from vlmkit.serve.engine import Engine
+
+    model, processor = loaded
+    retriever = VLMRetriever.from_vlm(copy.deepcopy(model)).eval()
+    calls = []
+
+    def embed(texts):
+        calls.append(len(texts))
+        if any("too long" in t for t in texts):
+            raise ValueError("an input is longer than the context")
+        inputs = processor.tokenizer(texts, padding=True)
+        return encode_queries(retriever, processor, texts), [sum(m) for m in inputs["attention_mask"]]
+
+    engine = Engine(retriever, processor)
+    batcher = EmbeddingBatcher(engine, embed)
+    requests = [["a red circle"], ["two blue squares", "a green cross on the left"], ["x too long"], ["purple"]]
+
+    async def main():
+        blocker = asyncio.create_task(engine.run(lambda: time.sleep(0.3)))  # the worker is busy ...
+        await asyncio.sleep(0.05)
+        answers = await asyncio.gather(*(batcher(texts) for texts in requests), return_exceptions=True)  # ... meanwhile
+        await blocker
+        return answers
+
+    try:
+        answers = asyncio.run(main())
+    finally:
+        engine.close()
+    assert calls[0] == 5  # the four requests waited together and went in one forward
+    assert isinstance(answers[2], ValueError)  # the request at fault fails alone ...
+    for texts, answer in zip(requests, answers):
+        if texts == ["x too long"]:
+            continue
+        vectors, tokens = answer
+        # ... and the others get the vectors they get alone (padding in a batch changes nothing but rounding).
+        assert torch.allclose(vectors, encode_queries(retriever, processor, texts), atol=1e-5) and tokens > 0

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException
 
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.model.retriever import VLMRetriever, encode_inputs
-from vlmkit.serve.batching import BatchingEngine
+from vlmkit.serve.batching import BatchingEngine, EmbeddingBatcher
 from vlmkit.serve.engine import Busy, Engine, Finished, Job, whole_reply
 from vlmkit.serve.openai_schema import ApiError, ChatRequest, EmbeddingRequest, embedding_texts, parse, to_job
 
@@ -114,14 +114,17 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
         return model_card()
 
     @torch.no_grad()
-    def embed(texts: list[str]) -> tuple[torch.Tensor, int]:
-        """Query embeddings of `texts` and their token count (on the worker: it uses the tokenizer's padding)."""
+    def embed(texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Query embeddings of `texts` and each one's token count (on the worker: it uses the tokenizer's padding)."""
         inputs = encode_inputs(processor, model.config, queries=texts)
         if inputs["input_ids"].shape[1] > context:
             raise ApiError(400, f"an input is longer than this model's context of {context} tokens", "input",
                            code="context_length_exceeded")
         vectors = model(**{k: v.to(model.device) for k, v in inputs.items()})
-        return vectors.float().cpu(), int(inputs["attention_mask"].sum())
+        return vectors.float().cpu(), inputs["attention_mask"].sum(1).tolist()
+
+    # Concurrent embedding requests share one forward pass (one at a time with max_batch=1).
+    embed_requests = EmbeddingBatcher(engine, embed) if max_batch > 1 else None
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
@@ -137,7 +140,11 @@ def create_app(model, processor, model_name: str, api_key: str | None = None, ma
             raise ApiError(400, f"this model's embeddings have {embedding_size} dimensions", "dimensions")
         texts = embedding_texts(ask, special_tokens, context)
         try:
-            vectors, tokens = await engine.run(lambda: embed(texts))
+            if embed_requests is not None:
+                vectors, tokens = await embed_requests(texts)
+            else:
+                vectors, counts = await engine.run(lambda: embed(texts))
+                tokens = sum(counts)
         except Busy as err:
             raise ApiError(429, str(err), code="server_busy", kind="rate_limit_error") from None
         data = [Embedding(object="embedding", index=i, embedding=v.tolist()) for i, v in enumerate(vectors)]

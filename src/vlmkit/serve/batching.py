@@ -20,7 +20,8 @@ only, and a vlmkit prompt carries image features merged into its embeddings.
 - **Per-request settings**: greedy or sampling (each with its own seeded generator), top-k,
   top-p, temperature, repetition penalty, max tokens, stop strings; a request whose client
   left is dropped at the next step.
-- Other work (`run`, e.g. embeddings) runs on the same thread between steps.
+- Other work (`run`) runs on the same thread between steps. Embedding requests of a retriever
+  (which has no chat) are batched too, across requests (`EmbeddingBatcher`).
 """
 
 from __future__ import annotations
@@ -313,3 +314,64 @@ def _settle(future: Future, fn: Callable) -> None:
         future.set_result(fn())
     except BaseException as err:  # noqa: BLE001 -- raised again where the call is awaited
         future.set_exception(err)
+
+
+class EmbeddingBatcher:
+    """Concurrent embedding requests answered by one forward pass.
+
+    Each request queues a flush on the engine's worker; the first flush to run takes every
+    request waiting by then (up to `max_texts` texts) and embeds their texts together, so
+    requests that arrived while the worker was busy share one batch, and the flushes queued
+    after it find nothing left. `embed(texts)` returns the vectors and each text's token count;
+    when it refuses the joined batch (an input beyond the context), each request is embedded
+    alone, so only the one at fault fails.
+    """
+
+    def __init__(self, engine: Engine, embed: Callable[[list[str]], tuple[torch.Tensor, list[int]]],
+                 max_texts: int = 256):
+        self.engine, self.embed, self.max_texts = engine, embed, max_texts
+        self._waiting: deque[tuple[list[str], asyncio.Future, asyncio.AbstractEventLoop]] = deque()
+        self._lock = threading.Lock()
+
+    async def __call__(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """The embeddings of `texts` and their token count (raises Busy when the queue is full)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._waiting.append((texts, future, loop))
+        await self.engine.run(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, count = [], 0
+            while self._waiting and (not batch or count + len(self._waiting[0][0]) <= self.max_texts):
+                batch.append(self._waiting.popleft())
+                count += len(batch[-1][0])
+        if not batch:
+            return
+        try:
+            vectors, tokens = self.embed([text for texts, _, _ in batch for text in texts])
+        except BaseException:  # noqa: BLE001 -- each request alone, so only the one at fault fails
+            for texts, future, loop in batch:
+                _answer(future, loop, lambda texts=texts: self._alone(texts))
+            return
+        start = 0
+        for texts, future, loop in batch:
+            end = start + len(texts)
+            _answer(future, loop, lambda s=start, e=end: (vectors[s:e], sum(tokens[s:e])))
+            start = end
+
+    def _alone(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        vectors, tokens = self.embed(texts)
+        return vectors, sum(tokens)
+
+
+def _answer(future: asyncio.Future, loop: asyncio.AbstractEventLoop, fn: Callable) -> None:
+    """Settle an event loop's `future` with `fn()` (or its exception), from this thread."""
+    try:
+        result = fn()
+    except BaseException as err:  # noqa: BLE001 -- raised again where the future is awaited
+        loop.call_soon_threadsafe(lambda error=err: future.done() or future.set_exception(error))
+        return
+    loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
