@@ -1,21 +1,22 @@
 """vlmkit: build, train, serve and evaluate vision-language models and visual document retrievers.
 
-Importing the package registers its classes with transformers' Auto factories, so a saved
-vlmkit model loads with `AutoConfig`, `AutoModelForImageTextToText` and `AutoProcessor`.
+`import vlmkit` is light: the model classes load when first asked for (`vlmkit.VLMProcessor`,
+`from vlmkit import VLMForConditionalGeneration`), and with them register with transformers'
+Auto factories; `import vlmkit.auto` does that alone. The command line so starts without
+importing torch or transformers for commands that need neither.
 """
-
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
-
-from vlmkit.model.configuration import VLMConfig
-from vlmkit.model.modeling import VLMForConditionalGeneration
-from vlmkit.processing.image_processing import VLMImageProcessor
-from vlmkit.processing.processor import VLMProcessor
 
 __version__ = "0.1.0"
 
-AutoConfig.register(VLMConfig.model_type, VLMConfig, exist_ok=True)
-AutoModelForImageTextToText.register(VLMConfig, VLMForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(VLMConfig, image_processor_classes={"pil": VLMImageProcessor}, exist_ok=True)
-AutoProcessor.register(VLMConfig, VLMProcessor, exist_ok=True)
+_LAZY = ("VLMConfig", "VLMForConditionalGeneration", "VLMImageProcessor", "VLMProcessor")
 
-__all__ = ["VLMConfig", "VLMForConditionalGeneration", "VLMImageProcessor", "VLMProcessor", "__version__"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from vlmkit import auto
+
+        return getattr(auto, name)
+    raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")
+
+
+__all__ = [*_LAZY, "__version__"]

@@ -40,7 +40,7 @@ def test_default_recipe_trains_on_foreign_llava_format_data(tmp_path):
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["steps"] == 3 and summary["n_train"] == 12 and summary["skipped_records"] == 0
 
-    import vlmkit  # noqa: F401 -- registers the Auto classes
+    import vlmkit.auto  # noqa: F401 -- registers the Auto classes
 
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)

@@ -56,3 +56,6 @@ class VLMConfig(PreTrainedConfig):
 
 
 __all__ = ["VLMConfig"]
+
+# A saved vlmkit model's config.json says model_type "vlmkit": AutoConfig reads it once this module is imported.
+AutoConfig.register(VLMConfig.model_type, VLMConfig, exist_ok=True)

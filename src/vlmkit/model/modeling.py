@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 
 from vlmkit.errors import ImageTokenMismatchError
 from vlmkit.model import vision
@@ -209,3 +209,5 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
 
 
 __all__ = ["VLMForConditionalGeneration", "VLMPreTrainedModel"]
+
+AutoModelForImageTextToText.register(VLMConfig, VLMForConditionalGeneration, exist_ok=True)

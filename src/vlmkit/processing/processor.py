@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
-from transformers import ProcessorMixin
+from transformers import AutoImageProcessor, AutoProcessor, ProcessorMixin
 from transformers.image_processing_base import BatchFeature
 
-from vlmkit.processing.markers import IMAGE_MARKER
 from vlmkit.errors import DataError
+from vlmkit.model.configuration import VLMConfig
 from vlmkit.model.tokens import IGNORE_INDEX, num_image_tokens
 from vlmkit.processing import slicing
 from vlmkit.processing.chat_template import has_generation_markers, tokenize_with_assistant_mask
-from vlmkit.processing.image_processing import ImagePlan, batch_crops
+from vlmkit.processing.image_processing import ImagePlan, VLMImageProcessor, batch_crops
+from vlmkit.processing.markers import IMAGE_MARKER
 
 
 class VLMProcessor(ProcessorMixin):
@@ -142,3 +143,9 @@ class VLMProcessor(ProcessorMixin):
 def _per_image(images: list, max_slices: int | list | None) -> list[tuple]:
     """(image, slice budget) pairs: one budget for all, or a list with one per image."""
     return list(zip(images, max_slices if isinstance(max_slices, list) else [max_slices] * len(images)))
+
+
+# AutoProcessor (and the AutoImageProcessor it loads the image half with) read a saved vlmkit
+# model's folder once this module is imported.
+AutoImageProcessor.register(VLMConfig, image_processor_classes={"pil": VLMImageProcessor}, exist_ok=True)
+AutoProcessor.register(VLMConfig, VLMProcessor, exist_ok=True)
