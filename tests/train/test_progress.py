@@ -32,7 +32,7 @@ def test_throughput_is_shown_and_the_final_summary_log_does_not_zero_it():
     assert bar.bar is None
 
 
-def test_a_run_counts_six_flops_per_lm_parameter_per_token_and_reports_its_mfu(synth_dir, tmp_path):
+def test_a_run_counts_its_training_flops_per_token_and_reports_its_mfu(synth_dir, tmp_path):
     import json
 
     from tests.train.helpers import make_config, quiet, run_module
@@ -44,8 +44,12 @@ def test_a_run_counts_six_flops_per_lm_parameter_per_token_and_reports_its_mfu(s
     from vlmkit.serve.generation import load_for_inference
 
     model, _ = load_for_inference(out)
-    per_token = flops_per_token(model)
     lm = model.language_model.num_parameters(exclude_embeddings=True)
-    assert per_token == 6 * (lm + sum(p.numel() for p in model.projector.parameters()))
+    counted = lm + sum(p.numel() for p in model.projector.parameters())
+    model.requires_grad_(True)
+    assert flops_per_token(model) == 6 * counted  # everything trained: PaLM's 6 per parameter
+    model.language_model.requires_grad_(False)
+    assert flops_per_token(model) == 6 * counted - 2 * lm  # a frozen LM's weights get no gradient
+    per_token = 6 * counted  # the run above trained every module
     assert metrics["total_flos"] > 0 and metrics["total_flos"] % per_token == 0  # whole tokens, nothing else
     assert 0 < metrics["mfu"] < 1
