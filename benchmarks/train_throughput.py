@@ -46,6 +46,9 @@ MODELS = {
                "model.text_config.hidden_size=384", "model.text_config.intermediate_size=1024",
                "model.text_config.num_hidden_layers=6", "model.text_config.num_attention_heads=6",
                "model.text_config.num_key_value_heads=6"],
+    # The default recipe's pretrained parts (`vlmkit models fetch`): DINOv2-small at 224 px, SmolLM2-135M.
+    "default": ["model.vision=facebook/dinov2-small", "model.lm=HuggingFaceTB/SmolLM2-135M-Instruct",
+                "model.vision_feature_layer=-2", "model.image_size=224"],
     # GPU only: a ViT-B/16-sized tower at 224 px and a 0.3B-parameter LM.
     "gpu": ["model.vision_config.hidden_size=768", "model.vision_config.intermediate_size=3072",
             "model.vision_config.num_hidden_layers=12", "model.vision_config.num_attention_heads=12",
