@@ -1,7 +1,7 @@
 """What every benchmark script shares: the machine's description, a timer, result entries, a table.
 
 A figure is an *entry*: its value and unit, a reference value measured in the same run (the
-thing it is compared with), their ratio, and, where the issue sets one, a target on that
+thing it is compared with), their ratio, and, where vlmkit sets one, a target on that
 ratio (reported as met or missed, never asserted: timings are not tests). Scripts write
 their entries with `save_entries`; `run_all.py` merges them into runs/bench/results.json.
 The scripts live beside this file and import it by name (`python benchmarks/x.py` puts

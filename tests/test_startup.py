@@ -1,5 +1,5 @@
 """The command line starts light: `import vlmkit` and the commands that need no model import
-neither torch nor transformers (issue 38: `vlmkit --help` under a second), while the model
+neither torch nor transformers (`vlmkit --help` in a fraction of a second), while the model
 classes still load, and register with transformers' Auto factories, when asked for."""
 
 import json

@@ -1,6 +1,6 @@
 """Images whose every chunk checksum is right but whose pixel data is garbage: PIL's verify() passes
 them, only decoding fails. Preparing the dataset decodes each image once, so such a record is a
-DataError (file, line, id, image) before training starts, and skipped with skip_bad (issue 35, item 7)."""
+DataError (file, line, id, image) before training starts, and skipped with skip_bad."""
 
 import io
 import json

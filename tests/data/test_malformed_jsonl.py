@@ -1,5 +1,5 @@
 """JSONL lines that break the JSON reader itself (not just its grammar): each is a DataError naming
-file and line, and `skip_bad` leaves the line out and reads on (issue 35, item 8)."""
+file and line, and `skip_bad` leaves the line out and reads on."""
 
 import json
 

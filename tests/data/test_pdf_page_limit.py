@@ -1,6 +1,6 @@
 """A huge PDF page is rendered scaled down to a bounded number of pixels, and the batch goes on
-(issue 35, item 6: a 14400 x 14400 pt page at 150 dpi asked for 30000 x 30000 pixels, a MemoryError
-that lost every page of the batch)."""
+(a 14400 x 14400 pt page at 150 dpi once asked for 30000 x 30000 pixels, a MemoryError that lost
+every page of the batch)."""
 
 import json
 import math
@@ -38,7 +38,7 @@ def test_stored_pages_stay_openable():
 @pytest.mark.parametrize(
     "width, height, dpi, min_side",
     [
-        (LARGEST_PDF_PAGE, LARGEST_PDF_PAGE, 150, 0),  # the issue's page
+        (LARGEST_PDF_PAGE, LARGEST_PDF_PAGE, 150, 0),  # the page that once ran out of memory
         (LARGEST_PDF_PAGE, LARGEST_PDF_PAGE, 72, 0),
         (3, LARGEST_PDF_PAGE, 150, 2000),  # a strip whose min_side would blow it up
         (2383.9, 3370.4, 300, 0),  # A0 at 300 dpi, odd sizes

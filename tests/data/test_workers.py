@@ -1,4 +1,4 @@
-"""Worker processes end with their parent, even when it is killed with SIGKILL (issue 35, item 13)."""
+"""Worker processes end with their parent, even when it is killed with SIGKILL."""
 
 import os
 import signal

@@ -1,6 +1,6 @@
 """500 requests, hostile ones mixed with valid ones, on `vlmkit serve` in a process of its own:
 no 5xx, no hang, every valid request answered, no program started, and the server's memory
-after them within 1.5x of its memory after the first 20 valid requests (issue 35's acceptance).
+after them within 1.5x of its memory after the first 20 valid requests.
 About 15 seconds on the tiny test model.
 """
 
@@ -41,7 +41,7 @@ def image(data: str, kind: str = "png") -> dict:
 
 
 def hostile_requests() -> list[tuple[str, dict | bytes, dict]]:
-    """(kind, body, headers) of each hostile request: everything issue 35 found, plus a few more."""
+    """(kind, body, headers) of each hostile request: every kind once found to fail, plus a few more."""
     as_json = {"Content-Type": "application/json"}
     return [
         ("eps image", chat([image(base64.b64encode(EPS).decode()), {"type": "text", "text": "?"}]), {}),

@@ -1,4 +1,4 @@
-"""The API against hostile requests (issue 35): each gets a 4xx before any expensive or dangerous
+"""The API against hostile requests: each gets a 4xx before any expensive or dangerous
 work, runs no program, keeps memory bounded, and the server answers the next request.
 
 - an EPS file in an image part is refused without starting Ghostscript;

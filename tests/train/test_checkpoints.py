@@ -1,4 +1,4 @@
-"""Checkpoints are written atomically, and resuming skips one that is incomplete (issue 35, item 5).
+"""Checkpoints are written atomically, and resuming skips one that is incomplete.
 
 A kill while `checkpoint-N` was written used to leave it at its final path, half written, and every
 later `--resume` failed on it. Now the Trainer writes into a staging folder renamed when complete;
@@ -110,7 +110,7 @@ def test_resume_skips_incomplete_checkpoints_with_a_warning_naming_each(tmp_path
     full = {"model.safetensors": b"w" * 10, "optimizer.pt": b"o" * 10, "rng_state.pth": b"r" * 10}
     write_checkpoint(tmp_path / "checkpoint-2", 2, full)
     write_checkpoint(tmp_path / "checkpoint-10", 10, full)
-    # What the kills of issue 35 left: empty files and no trainer state ...
+    # What kills at the worst moment used to leave: empty files and no trainer state ...
     write_checkpoint(tmp_path / "checkpoint-40", 40, full | {"optimizer.pt": b"", "rng_state.pth": b""}, state=False)
     # ... a state file cut short, and files emptied by a power loss after the rename.
     write_checkpoint(tmp_path / "checkpoint-30", 30, full)
