@@ -174,3 +174,11 @@ def test_a_beir_style_folder_evaluates_as_pytrec_eval_scores_its_run(tmp_path):
     with pytest.raises(DataError, match=r"corpus\.jsonl:2 \(id 'lost'\): image .*x\.png: image file not found"):
         beir_paths(folder)
     assert main(["retriever", "eval", "--beir", str(folder), "--mode", "lexical", "--output", str(out)]) == 2
+
+
+def test_same_page_bars_only_the_positive_even_for_ids_without_a_page_number():
+    from vlmkit.data.pairs import Pair, mine_negatives
+
+    ranked = lambda query: ["report", "report#2", "report#3"]  # noqa: E731 -- a positive named without "#"
+    assert mine_negatives([Pair("q", ["report"])], ranked, 2, skip="same-page")[0].neg == ["report#2", "report#3"]
+    assert mine_negatives([Pair("q", ["report"])], ranked, 2, skip="same-document")[0].neg == []

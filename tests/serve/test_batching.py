@@ -179,3 +179,41 @@ def test_concurrent_embedding_requests_share_a_forward_and_get_their_own_vectors
         vectors, tokens = answer
         # ... and the others get the vectors they get alone (padding in a batch changes nothing but rounding).
         assert torch.allclose(vectors, encode_queries(retriever, processor, texts), atol=1e-5) and tokens > 0
+
+
+def test_a_fault_outside_the_model_fails_the_requests_in_flight_and_the_engine_serves_on(loaded, engine, monkeypatch):
+    model, processor = loaded
+    job = jobs(1, max_tokens=lambda i: 5)[0]
+    choose = engine._choose
+    faults = []
+
+    def fails_once(rows, logits):
+        if not faults:
+            faults.append(len(rows))
+            raise MemoryError("out of memory while choosing")
+        return choose(rows, logits)
+
+    monkeypatch.setattr(engine, "_choose", fails_once)
+
+    async def main(jobs_now):
+        return await asyncio.gather(*(whole_reply(engine.submit(j)) for j in jobs_now), return_exceptions=True)
+
+    failed = asyncio.run(main([job]))
+    assert faults and isinstance(failed[0], MemoryError)
+    assert asyncio.run(main([job]))[0][0] == alone(model, processor, job)  # the engine thread lives on
+
+
+def test_closing_the_engine_answers_every_waiting_request(loaded):
+    model, processor = loaded
+    engine = BatchingEngine(model, processor, max_batch=2)
+
+    async def main():
+        items = [engine.submit(job) for job in jobs(3, max_tokens=lambda i: 400)]
+        first = await items[0].__anext__()  # the batch is running; the third request waits for a row
+        engine.close()
+        return first, await asyncio.wait_for(asyncio.gather(*(whole_reply(i) for i in items),
+                                                            return_exceptions=True), timeout=30)
+
+    first, ends = asyncio.run(main())
+    assert isinstance(first, str)
+    assert all(isinstance(end, RuntimeError) and "shutting down" in str(end) for end in ends)

@@ -219,3 +219,11 @@ def test_resume_does_not_warn_about_the_tied_lm_head(synth_dir, tmp_path, caplog
     with caplog.at_level("WARNING"):
         run_module.run(make_config(synth_dir, out, max_steps=6, resume=True), log=quiet)
     assert "missing keys" not in caplog.text
+
+
+def test_a_finished_run_resumed_with_more_epochs_trains_on(synth_dir, tmp_path):
+    out = tmp_path / "run"
+    run_module.run(make_config(synth_dir, out, max_steps=-1, epochs=1.0, save_steps=4), log=quiet)
+    one = json.loads((out / "train_summary.json").read_text())["steps"]
+    run_module.run(make_config(synth_dir, out, max_steps=-1, epochs=2.0, save_steps=4, resume=True), log=quiet)
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 2 * one

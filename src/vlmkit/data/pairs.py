@@ -89,12 +89,12 @@ def mine_negatives(pairs: list[Pair], ranked: Callable[[str], list[str]], per_qu
         raise ConfigError(f"skip rule {skip!r} is not one of {', '.join(NEGATIVE_SKIPS)}")
     mined = []
     for pair in pairs:
-        barred = set(pair.pos) | ({document_of(d) for d in pair.pos} if skip == "same-document" else set())
+        documents = {document_of(d) for d in pair.pos} if skip == "same-document" else set()
         negatives = list(pair.neg)
         for doc_id in ranked(pair.query):
             if len(negatives) >= per_query:
                 break
-            if doc_id not in barred and document_of(doc_id) not in barred and doc_id not in negatives:
+            if doc_id not in pair.pos and document_of(doc_id) not in documents and doc_id not in negatives:
                 negatives.append(doc_id)
         mined.append(Pair(pair.query, pair.pos, negatives, pair.line))
     return mined

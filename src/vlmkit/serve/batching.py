@@ -127,19 +127,37 @@ class BatchingEngine(Engine):
             with self._wake:
                 self._wake.wait_for(lambda: self._closed or self._new or self._calls or self._running)
                 if self._closed:
-                    return
+                    break
                 calls, self._calls = list(self._calls), deque()
                 room = min(self.max_batch - len(self._running), self.max_prefill)
                 joining = [self._new.popleft() for _ in range(min(room, len(self._new)))]
-            for fn, future in calls:
-                self._started()
-                _settle(future, fn)
-            for _ in joining:
-                self._started()
-            if joining:
-                self._join(joining)
-            if self._running:
-                self._step()
+            try:
+                for fn, future in calls:
+                    self._started()
+                    _settle(future, fn)
+                for _ in joining:
+                    self._started()
+                if joining:
+                    self._join(joining)
+                if self._running:
+                    self._step()
+            except BaseException as err:  # noqa: BLE001 -- a fault outside the model calls (memory, decoding):
+                self._fail([*self._running, *joining], err)  # those in flight learn it, the server goes on
+        with self._wake:  # closed: nothing waiting is left to hang
+            waiting, self._new, calls, self._calls = list(self._new), deque(), list(self._calls), deque()
+        stopped = RuntimeError("the server is shutting down")
+        self._fail([*self._running, *waiting], stopped)
+        for _, future in calls:
+            future.set_exception(stopped)
+
+    def _fail(self, requests: list[_Request], err: BaseException) -> None:
+        """Hand `err` to each of `requests` and start the batch afresh."""
+        for request in {id(r): r for r in requests}.values():
+            try:
+                request.put(err)
+            except RuntimeError:  # its event loop has closed: nobody is listening
+                pass
+        self._running, self._cache, self._mask = [], None, None
 
     def _join(self, requests: list[_Request]) -> None:
         """Prefill `requests` together, take each one's first token, and add them to the batch."""
@@ -337,9 +355,16 @@ class EmbeddingBatcher:
         """The embeddings of `texts` and their token count (raises Busy when the queue is full)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        entry = (texts, future, loop)
         with self._lock:
-            self._waiting.append((texts, future, loop))
-        await self.engine.run(self._flush)
+            self._waiting.append(entry)
+        try:
+            await self.engine.run(self._flush)
+        except BaseException:  # Busy: refused, so not embedded by a later flush either
+            with self._lock:
+                if entry in self._waiting:
+                    self._waiting.remove(entry)
+            raise
         return await future
 
     def _flush(self) -> None:

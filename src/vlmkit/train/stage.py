@@ -51,10 +51,14 @@ def fit(trainer: Trainer, checkpoint: str | None, log=print, peak_flops: float =
     trainer.remove_callback(ProgressCallback)
     bar = ProgressBar(peak_flops)
     trainer.add_callback(bar)
+    resumed_flos = 0.0
     if checkpoint is not None:
         state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
-        target = trainer.args.max_steps if trainer.args.max_steps > 0 else state.max_steps
-        if state.global_step >= target:
+        resumed_flos = state.total_flos  # the Trainer carries it on; this session's MFU leaves it out
+        # The run's last step: max_steps, else the checkpoint's own count while the epochs asked are unchanged.
+        target = trainer.args.max_steps if trainer.args.max_steps > 0 else (
+            state.max_steps if state.num_train_epochs == trainer.args.num_train_epochs else None)
+        if target is not None and state.global_step >= target:
             if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
                 raise ConfigError(f"{checkpoint} is the last step ({state.global_step}) of a finished run; raise "
                                   "train.max_steps to train on, or start a new train.output_dir")
@@ -65,8 +69,9 @@ def fit(trainer: Trainer, checkpoint: str | None, log=print, peak_flops: float =
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
-    if bar.peak_flops and result.metrics.get("total_flos"):  # the whole run's MFU, for train_summary.json
-        result.metrics["mfu"] = result.metrics["total_flos"] / seconds / (bar.peak_flops * trainer.args.world_size)
+    flos = result.metrics.get("total_flos", 0.0) - resumed_flos
+    if bar.peak_flops and flos > 0:  # this session's MFU, for train_summary.json
+        result.metrics["mfu"] = flos / seconds / (bar.peak_flops * trainer.args.world_size)
     return result, seconds
 
 
