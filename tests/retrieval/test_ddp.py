@@ -29,7 +29,7 @@ def train(docs_dir, out: Path, processes: int, batch_size: int, *extra: str) -> 
         "model": {"vision_config": TEST_VISION, "text_config": TEST_TEXT, "vocab_size": 400},
         "train": {"warmup": 0, "logging_steps": 1, "report_to": [], "batch_size": batch_size, "save_steps": 1000},
     }))
-    launcher = [TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     args = ["-m", "vlmkit", "retriever", "train", str(config), "--train-data", str(docs_dir / "train_pairs.jsonl"),
             "--docs", str(docs_dir / "train_docs.h5"), "--output-dir", str(out), "--max-steps", "3",
             *extra]
@@ -60,7 +60,7 @@ def test_index_sharded_over_two_processes_is_identical(docs_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     indexes = {}
     for processes in (1, 2):
-        launcher = [TORCHRUN, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
         out = tmp_path / f"index-{processes}.safetensors"
         args = ["-m", "vlmkit", "retriever", "index", "--model", str(tmp_path / "model"), "--docs",
                 str(docs_dir / "test_docs.h5"), "--out", str(out), "--batch-size", "5"]
