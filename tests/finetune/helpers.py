@@ -49,8 +49,10 @@ def write_config(path: Path, train, **train_settings) -> Path:
 
 def vlmkit(args: list[str], processes: int | None = None, timeout: int = 300) -> str:
     """`vlmkit ARGS`, or `torchrun --nproc_per_node N -m vlmkit ARGS`; fails the test with the output on error."""
-    launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={processes}", "-m", "vlmkit"] if processes else [sys.executable, "-m",
-                                                                                               "vlmkit"]
+    if processes:
+        launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={processes}", "-m", "vlmkit"]
+    else:
+        launcher = [sys.executable, "-m", "vlmkit"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     # A session of its own, so a hang can be ended with every worker torchrun started.
     process = subprocess.Popen(launcher + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
