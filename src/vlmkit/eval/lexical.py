@@ -58,3 +58,8 @@ def reciprocal_rank_fusion(rankings: list[list[str]], weights: list[float], k: i
         for rank, doc_id in enumerate(ranking, 1):
             scores[doc_id] += weight / (k + rank)
     return sorted(scores.items(), key=lambda item: -item[1])  # sorted() is stable
+
+
+def fuse(runs: list[list[tuple[str, float]]], weights, depth: int) -> list[tuple[str, float]]:
+    """The best `depth` pages of several (page, score) rankings fused by reciprocal rank."""
+    return reciprocal_rank_fusion([[doc_id for doc_id, _ in run] for run in runs], list(weights))[:depth]

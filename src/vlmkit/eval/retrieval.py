@@ -30,7 +30,7 @@ from tqdm import tqdm
 from vlmkit.data.page_store import PageStore
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.exact_search import search_topk as search  # exact top-k, ties to the lower index
-from vlmkit.eval.lexical import LexicalIndex, reciprocal_rank_fusion
+from vlmkit.eval.lexical import LexicalIndex, fuse
 from vlmkit.files import write_text_atomic
 from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs
 from vlmkit.processing.processor import VLMProcessor
@@ -222,9 +222,8 @@ def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str |
                      for row_indices, row_scores in zip(indices, scores)])
     if mode != "dense":
         runs.append(LexicalIndex.of_store(store).search(texts, RUN_DEPTH))
-    if mode == "hybrid":
-        rankings = [[[doc_id for doc_id, _ in ranked] for ranked in run] for run in runs]
-        runs = [[reciprocal_rank_fusion(list(pair), list(weights))[:RUN_DEPTH] for pair in zip(*rankings)]]
+    if mode == "hybrid":  # runs: [dense, lexical], each one ranking per query
+        runs = [[fuse(list(pair), weights, RUN_DEPTH) for pair in zip(*runs)]]
     run = dict(zip(qids, runs[0]))
     result = metrics({q: [doc_id for doc_id, _ in ranked] for q, ranked in run.items()}, qrels)
     result |= {"n_docs": len(store), "mode": mode}

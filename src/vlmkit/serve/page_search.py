@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlmkit.data.page_store import PageStore
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.eval.lexical import LexicalIndex, reciprocal_rank_fusion
+from vlmkit.eval.lexical import LexicalIndex, fuse
 from vlmkit.eval.retrieval import RUN_DEPTH, SEARCH_MODES, build_index, encode_queries, load_index, search
 
 RETRIEVER_TYPE = "vlmkit_retriever"  # config.json model_type of a saved VLMRetriever
@@ -85,7 +85,7 @@ class PageSearch:
             runs.append(self.lexical.search([query.strip()], k if self.mode == "lexical" else max(k, RUN_DEPTH))[0])
         if self.mode != "hybrid":
             return runs[0][:k]
-        return reciprocal_rank_fusion([[doc_id for doc_id, _ in run] for run in runs], list(self.weights))[:k]
+        return fuse(runs, self.weights, k)
 
     def top(self, query: str, k: int) -> list[Hit]:
         """`ranked`, with each page's image."""
