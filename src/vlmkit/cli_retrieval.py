@@ -63,7 +63,7 @@ def _docs_filter_queries(args) -> None:
 def _docs_make_pairs(args) -> None:
     from vlmkit.data.queries import make_pairs
 
-    for name, path in make_pairs(args.queries, args.out, args.test_fraction, args.seed).items():
+    for name, path in make_pairs(args.queries, args.out, args.test_fraction, args.seed, args.split_by).items():
         print(f"{name}: {path}")
 
 
@@ -116,13 +116,16 @@ def _retriever_index(args) -> None:
 
     from vlmkit.data.page_store import PageStore
     from vlmkit.eval.retrieval import build_index, init_distributed, load_retriever, save_index
+    from vlmkit.eval.token_pooling import check_pool_factor, pool_page_tokens
 
+    check_pool_factor(args.pool_factor)
     init_distributed()
     model, processor = load_retriever(args.model)
     ids, embeddings = build_index(model, processor, PageStore(args.docs), args.batch_size)
     if not dist.is_initialized() or dist.get_rank() == 0:
+        embeddings = pool_page_tokens(embeddings, args.pool_factor, model.config.normalize)
         save_index(args.out, ids, embeddings)
-        print(f"wrote {args.out}: {len(ids)} pages")
+        print(f"wrote {args.out}: {len(ids)} pages, embeddings {tuple(embeddings.shape)}")
 
 
 def _retriever_search(args) -> None:
@@ -181,7 +184,7 @@ def _retriever_eval(args) -> None:
     name = "retrieval_metrics.json" if args.mode == "dense" else f"retrieval_metrics_{args.mode}.json"
     output = args.output or (str(Path(args.model) / name) if args.model else None)
     metrics = evaluate(args.model, args.docs, args.queries, args.qrels, output, batch_size=args.batch_size,
-                       index=args.index, mode=args.mode, weights=tuple(args.weights))
+                       index=args.index, mode=args.mode, weights=tuple(args.weights), pool_factor=args.pool_factor)
     print(json.dumps(metrics, indent=2))
 
 
@@ -204,6 +207,13 @@ def add_search_mode(parser: argparse.ArgumentParser, default: str) -> None:
                              f"fused by reciprocal rank (default: {default})")
     parser.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("DENSE", "LEXICAL"),
                         help="hybrid: each ranking's weight in the fusion (default: 1 1)")
+
+
+def add_pool_factor(parser: argparse.ArgumentParser, when: str) -> None:
+    """--pool-factor: token pooling of multi-vector page embeddings (vlmkit.eval.token_pooling)."""
+    parser.add_argument("--pool-factor", type=int, default=1, metavar="N",
+                        help="multi-vector retrievers: replace each page's T token vectors by the means of T/N "
+                             f"clusters (Ward linkage) {when}; queries are not pooled (default: 1, no pooling)")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -245,11 +255,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     filt.add_argument("--threshold", type=float, default=0.5, help="keep when P(yes) >= this")
     filt.add_argument("--batch-size", type=int, default=16)
     filt.set_defaults(func=_docs_filter_queries)
-    mpairs = docs.add_parser("make-pairs", help="kept queries -> train pairs + test queries/qrels, split by page")
+    mpairs = docs.add_parser("make-pairs", help="kept queries -> train pairs + test queries/qrels, split by page or document")
     mpairs.add_argument("--queries", required=True)
     mpairs.add_argument("--out", required=True, help="output folder")
     mpairs.add_argument("--test-fraction", type=float, default=0.2)
     mpairs.add_argument("--seed", type=int, default=0)
+    mpairs.add_argument("--split-by", choices=["page", "document"], default="page",
+                        help="what the test fraction draws: pages, or whole documents (page ids FILE#N, "
+                             "as `docs render` names them), so that test pages share no document with training")
     mpairs.set_defaults(func=_docs_make_pairs)
 
     mine = docs.add_parser("mine-negatives", help="fill the pairs' hard negatives from a first-stage search "
@@ -286,6 +299,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rindex.add_argument("--docs", required=True)
     rindex.add_argument("--out", required=True, help="index file (.safetensors)")
     rindex.add_argument("--batch-size", type=int, default=32)
+    add_pool_factor(rindex, "before the index is saved")
     rindex.set_defaults(func=_retriever_index)
     rsearch = retriever.add_parser("search", help="the top pages for one query")
     rsearch.add_argument("query")
@@ -306,6 +320,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     reval.add_argument("--output", help="metrics JSON (a TREC run file goes beside it)")
     reval.add_argument("--index", help="use this index instead of encoding the store")
     reval.add_argument("--batch-size", type=int, default=32)
+    add_pool_factor(reval, "before the search (not with --index: pool it when indexing)")
     add_search_mode(reval, "dense")
     reval.set_defaults(func=_retriever_eval)
     rdemo = retriever.add_parser("demo", help="built-in documents -> tiny retriever from scratch -> held-out metrics")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlmkit.data.pairs import Pair, PairBatches, build_batches, check_ids, read_pairs, split_by_document
+from vlmkit.data.pairs import Pair, PairBatches, build_batches, check_ids, document_of, read_pairs, split_pairs
 from vlmkit.errors import DataError
 
 
@@ -73,10 +73,21 @@ def test_too_few_distinct_pages_for_one_batch_is_an_error():
         PairBatches([Pair(f"q{i}", ["same"]) for i in range(10)], batch_size=2)
 
 
-def test_split_by_document_never_shares_a_positive_page():
+def test_split_by_page_never_shares_a_positive_page():
     pairs = _pairs_with_clashes(1, 300, n_pages=60, n_queries=300)
-    train, test = split_by_document(pairs, 0.25, seed=0)
+    train, test = split_pairs(pairs, 0.25, seed=0)
     train_pages = {d for p in train for d in p.pos + p.neg}
     test_pages = {d for p in test for d in p.pos + p.neg}
     assert train and test and not train_pages & test_pages
     assert len(train) + len(test) == len(pairs)  # one positive each: nothing is dropped
+
+
+def test_split_by_document_keeps_each_document_on_one_side():
+    negatives = lambda i: [f"doc{j}.pdf#9" for j in range(8) if j != i % 8]  # a page of every other document
+    pairs = [Pair(f"q{i}", [f"doc{i % 8}.pdf#{i % 5 + 1}"], negatives(i)) for i in range(80)]
+    train, test = split_pairs(pairs, 0.25, seed=0, by="document")
+    documents = [{document_of(d) for p in side for d in p.pos + p.neg} for side in (train, test)]
+    assert len(documents[1]) == 2 and not documents[0] & documents[1]
+    assert len(train) + len(test) == len(pairs)
+    # Each side keeps the negatives of its own documents: 1 other test document, 5 other training ones.
+    assert {len(p.neg) for p in test} == {1} and {len(p.neg) for p in train} == {5}

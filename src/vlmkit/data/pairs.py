@@ -189,11 +189,23 @@ class PairBatches(Dataset):
                 "doc_ids": [i.pos for i in items] + [n for i in items for n in i.neg]}
 
 
-def split_by_document(pairs: list[Pair], test_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
-    """Train and test pairs whose positive pages never overlap; negatives crossing over are dropped."""
-    pages = sorted({d for p in pairs for d in p.pos})
-    random.Random(seed).shuffle(pages)
-    test_pages = set(pages[: round(len(pages) * test_fraction)])
+SPLIT_UNITS = ("page", "document")
+
+
+def split_pairs(pairs: list[Pair], test_fraction: float, seed: int = 0,
+                by: str = "page") -> tuple[list[Pair], list[Pair]]:
+    """Train and test pairs whose positive pages never overlap; negatives crossing over are dropped.
+
+    `by="page"` draws test pages; `by="document"` draws whole documents (`document_of`), so no
+    test page shares a document with a training page, as a retriever meets new documents.
+    """
+    if by not in SPLIT_UNITS:
+        raise ValueError(f"split by {by!r}: use one of {SPLIT_UNITS}")
+    unit = document_of if by == "document" else (lambda doc_id: doc_id)
+    units = sorted({unit(d) for p in pairs for d in p.pos})
+    random.Random(seed).shuffle(units)
+    test_units = set(units[: round(len(units) * test_fraction)])
+    test_pages = {d for p in pairs for d in p.pos + p.neg if unit(d) in test_units}
     train, test = [], []
     for p in pairs:
         in_test = [d in test_pages for d in p.pos]

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from vlmkit.data.page_store import PageStore
-from vlmkit.data.pairs import Pair, split_by_document, write_pairs
+from vlmkit.data.pairs import Pair, split_pairs, write_pairs
 from vlmkit.errors import DataError
 from vlmkit.model.generation import ChatModel
 from vlmkit.processing.markers import IMAGE_MARKER
@@ -182,14 +182,15 @@ def text_layer_queries(store: PageStore, out: str | Path, per_page: int = 2, wor
     return written, bare
 
 
-def make_pairs(queries: str | Path, out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:
+def make_pairs(queries: str | Path, out_dir: str | Path, test_fraction: float = 0.2, seed: int = 0,
+               split_by: str = "page") -> dict[str, Path]:
     """train_pairs.jsonl, test_queries.jsonl and test_qrels.tsv from query records (those not dropped),
-    split by page so no test page is seen in training."""
+    split by page or by document (`split_pairs`) so no test page is seen in training."""
     records = [r for r in _read_done(Path(queries)).values() if r.get("keep", True)]
     if not records:
         raise DataError("no kept queries to make pairs from", queries)
     pairs = [Pair(r["text"], [r["doc_id"]], [], n) for n, r in enumerate(records, 1)]
-    train, test = split_by_document(pairs, test_fraction, seed)
+    train, test = split_pairs(pairs, test_fraction, seed, split_by)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_pairs(train, out_dir / "train_pairs.jsonl")

@@ -31,6 +31,7 @@ from vlmkit.data.page_store import PageStore
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.exact_search import search_topk as search  # exact top-k, ties to the lower index
 from vlmkit.eval.lexical import LexicalIndex, fuse
+from vlmkit.eval.token_pooling import check_pool_factor, pool_page_tokens
 from vlmkit.files import write_text_atomic
 from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs
 from vlmkit.processing.processor import VLMProcessor
@@ -196,15 +197,25 @@ def write_run(path: str | Path, run: dict[str, list[tuple[str, float]]], tag: st
 
 def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str | Path, qrels_path: str | Path,
              output: str | Path | None = None, batch_size: int = 32, index: str | Path | None = None,
-             progress: bool = True, mode: str = "dense", weights: tuple[float, float] = (1.0, 1.0)) -> dict:
+             progress: bool = True, mode: str = "dense", weights: tuple[float, float] = (1.0, 1.0),
+             pool_factor: int = 1) -> dict:
     """Search every query, score against the qrels; rank 0 writes `output` (metrics JSON) and a TREC
     run file beside it. `mode`: "dense" (the retriever; the store encoded, or `index` loaded),
     "lexical" (BM25 over the pages' text layers, no model) or "hybrid" (both, fused by reciprocal
-    rank with `weights` for dense and lexical)."""
+    rank with `weights` for dense and lexical). `pool_factor` > 1 pools the encoded pages' token
+    vectors (multi-vector retrievers; `vlmkit.eval.token_pooling`) before the search."""
     if mode not in SEARCH_MODES:
         raise ConfigError(f"search mode {mode!r} is not one of {', '.join(SEARCH_MODES)}")
     if mode != "lexical" and model_dir is None:
         raise ConfigError(f"{mode} search needs a retriever (--model)")
+    check_pool_factor(pool_factor)
+    if pool_factor > 1 and mode == "lexical":
+        raise ConfigError("--pool-factor pools a retriever's page vectors; --mode lexical has none")
+    if pool_factor > 1 and index:
+        # A saved index may be pooled already, and pooling it again would go unnoticed.
+        raise ConfigError(f"--pool-factor {pool_factor} pools the pages encoded here, not a loaded --index: build "
+                          f"a pooled index with `vlmkit retriever index --pool-factor {pool_factor}`, or leave "
+                          "--index out")
     queries, qrels = read_queries(queries_path), read_qrels(qrels_path)
     store = PageStore(docs)
     for qid, judged in qrels.items():
@@ -216,7 +227,11 @@ def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str |
     runs = []
     if mode != "lexical":
         model, processor = load_retriever(model_dir)
-        ids, doc_emb = load_index(index) if index else build_index(model, processor, store, batch_size, progress)
+        if index:
+            ids, doc_emb = load_index(index)
+        else:
+            ids, doc_emb = build_index(model, processor, store, batch_size, progress)
+            doc_emb = pool_page_tokens(doc_emb, pool_factor, model.config.normalize)
         scores, indices = search(encode_queries(model, processor, texts, batch_size), doc_emb, k=RUN_DEPTH)
         runs.append([[(ids[i], s) for i, s in zip(row_indices.tolist(), row_scores.tolist())]
                      for row_indices, row_scores in zip(indices, scores)])
