@@ -46,10 +46,11 @@ def _data_preferences(args) -> None:
 
 
 def _train(args, stage: str | None = None) -> None:
+    import importlib.util
     import os
 
     from vlmkit.config import load_config
-    from vlmkit.train.dpo_run import run_dpo
+    from vlmkit.errors import ConfigError
     from vlmkit.train.run import run
 
     overrides = list(args.set or [])
@@ -69,7 +70,14 @@ def _train(args, stage: str | None = None) -> None:
 
         shrink(cfg)
     log = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)  # under torchrun, one process reports
-    (run_dpo if cfg.train.stage == "dpo" else run)(cfg, log=log)
+    if cfg.train.stage != "dpo":
+        run(cfg, log=log)
+        return
+    if importlib.util.find_spec("trl") is None:  # an extra: `vlmkit train` never needs it
+        raise ConfigError("vlmkit dpo trains with TRL's DPOTrainer: pip install 'vlmkit[dpo]'")
+    from vlmkit.train.dpo_run import run_dpo
+
+    run_dpo(cfg, log=log)
 
 
 def _eval(args) -> None:

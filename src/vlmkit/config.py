@@ -172,9 +172,14 @@ class LoraSettings:
 
 @dataclass
 class DPOSettings:
-    """Direct preference optimisation (`vlmkit dpo`): the sigmoid loss against precomputed reference log-probs."""
+    """Direct preference optimisation (`vlmkit dpo`), trained by TRL's DPOTrainer (train/dpo.py)."""
 
     beta: float = 0.1
+    loss_type: str | list = "sigmoid"  # any of TRL's: "ipo", "hinge", "robust", ...; a list adds several up
+    # True: the starting model scores every pair once, before training. False: the reference runs
+    # beside training: a frozen copy of the model (with LoRA, of its adapters: far less memory).
+    precompute_ref_log_probs: bool = True
+    trl: dict = field(default_factory=dict)  # other trl.DPOConfig fields, e.g. {label_smoothing: 0.1}
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """DPO end to end on the built-in preference set, and the preference records' checks."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,6 @@ from vlmkit.cli import main
 from vlmkit.data.preferences import make_preferences, read_preferences, write_preferences
 from vlmkit.data.records import Record
 from vlmkit.errors import DataError
-from vlmkit.processing.processor import IGNORE_INDEX
 from vlmkit.train.dpo import PairCollator, PreferenceDataset, preference_accuracy, score_pairs
 from vlmkit.train.dpo_run import run_dpo
 from vlmkit.train.lora import load
@@ -63,9 +63,9 @@ def test_pairs_supervise_only_the_final_reply(tiny, tmp_path):
                               {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "blue"}],
                     extra={"chosen": "blue", "rejected": "green"})
     dataset = PreferenceDataset([record], tiny.processor, max_length=256)
-    batch = PairCollator(tiny.processor.tokenizer.pad_token_id)([dataset[0]])
+    batch = PairCollator(dataset)([dataset[0]])
     decode = tiny.processor.tokenizer.decode
-    chosen, rejected = (decode(row[row != IGNORE_INDEX]) for row in batch["labels"])
+    chosen, rejected = (decode(row[mask.bool()]) for row, mask in zip(batch["input_ids"], batch["completion_mask"]))
     assert chosen.startswith("blue") and rejected.startswith("green")  # "red" (an earlier turn) is prompt
     assert "red" not in chosen
 
@@ -112,19 +112,45 @@ def test_dpo_on_the_built_in_pairs_end_to_end(preference_files, tmp_path):
     # noisy to say it (they flipped sign when the tokenizer learned the chat roles).
     model, processor = load(out)  # the saved model scores the pairs as the trained one did
     pairs = PreferenceDataset(read_preferences(train)[0], processor, max_length=1024)
-    scores = score_pairs(model, pairs, PairCollator(processor.tokenizer.pad_token_id))
+    scores = score_pairs(model, pairs)
     assert preference_accuracy(scores) == pytest.approx(summary["train_preference_accuracy_after"])
 
 
-def test_dpo_learns_a_preference_the_model_can_express(tmp_path):
-    """Text-only pairs whose preference needs no vision: DPO's implicit reward ranks every pair right."""
+@pytest.fixture
+def text_pairs(tmp_path):
+    """Text-only pairs whose preference needs no vision."""
     lines = [json.dumps({"id": str(i), "conversations": [{"role": "user", "content": f"Is the sky green? ({i})"}],
                          "chosen": "No.", "rejected": "Yes, it is."}) for i in range(16)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    settings = ["train.stage=dpo", "train.max_steps=6", "train.batch_size=4", "train.lr.lm=1e-2"]
-    cfg = make_config(tmp_path / "pairs.jsonl", tmp_path / "dpo", settings)
-    summary = json.loads((run_dpo(cfg, log=lambda *a: None) / "train_summary.json").read_text())["metrics"]
+    return tmp_path / "pairs.jsonl"
+
+
+TEXT_SETTINGS = ["train.stage=dpo", "train.max_steps=6", "train.batch_size=4", "train.lr.lm=1e-2"]
+
+
+@pytest.mark.parametrize("reference", [[], ["dpo.precompute_ref_log_probs=false"],
+                                       ["dpo.precompute_ref_log_probs=false", "lora.enabled=true"]],
+                         ids=["precomputed", "frozen-copy", "lora-adapter-copy"])
+def test_dpo_learns_a_preference_the_model_can_express(text_pairs, tmp_path, reference):
+    """DPO's implicit reward ranks every pair right, whichever way TRL gets the reference."""
+    out = run_dpo(make_config(text_pairs, tmp_path / "dpo", TEXT_SETTINGS + reference), log=lambda *a: None)
+    summary = json.loads((out / "train_summary.json").read_text())["metrics"]
     assert summary["train_reward_accuracy_after"] == 1.0
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["log_history"][0]["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)
+    assert not (out / "ref").exists()  # TRL's reference copy of LoRA adapters is not saved with the model
+
+
+def test_a_resumed_dpo_run_trains_as_one_that_never_stopped(text_pairs, tmp_path):
+    settings = TEXT_SETTINGS + ["train.save_steps=3", "train.save_total_limit=3"]
+    out = run_dpo(make_config(text_pairs, tmp_path / "dpo", settings), log=lambda *a: None)
+    whole = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    shutil.rmtree(out / "checkpoint-6")
+    cfg = make_config(text_pairs, tmp_path / "dpo", settings + ["train.resume=true"])
+    run_dpo(cfg, log=lambda *a: None)  # from checkpoint-3, TRL's reference log-probs read from the cache
+    resumed = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert [e["loss"] for e in resumed if "loss" in e] == [e["loss"] for e in whole if "loss" in e]
+    assert len(list((out / "dpo_data").glob("cache-*.arrow"))) == 1
 
 
 def test_the_dpo_command_runs_the_dpo_stage(preference_files, tmp_path):

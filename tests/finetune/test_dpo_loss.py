@@ -1,57 +1,96 @@
-"""vlmkit's DPO loss against TRL's, on the same log-probs, and the pair log-probs against a direct sum.
+"""TRL's DPOTrainer on vlmkit's pairs: each step's loss against the DPO formulas on log-probs computed
+apart from TRL, and the pair log-probs against a direct sum.
 
-TRL computes the loss inside `DPOTrainer._compute_loss`, from per-token log-probs that its
-patched LM head returns. The test calls that method with a stand-in trainer and a stand-in
-model that hands back chosen per-token log-probs, so TRL's own arithmetic runs on them.
+TRL scores tokens with its fused LM head, moved onto vlmkit's language model (train/dpo.py);
+the checks score the same batch through vlmkit's own forward (full logits, images merged),
+with the training model for the policy and a copy of the starting model for the reference.
 """
 
-from collections import defaultdict
-from types import SimpleNamespace
+import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers import set_seed
 
-from vlmkit.train.dpo import dpo_loss, sequence_logps
+from tests.finetune.helpers import make_config
+from vlmkit.data.preferences import make_preferences, read_preferences, write_preferences
+from vlmkit.data.records import read_records
+from vlmkit.train.dpo import PreferenceDataset, build_trainer, pair_logps, sequence_logps
+from vlmkit.train.run import prepare_model
 
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-
-
-def _trl_loss(per_token: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, beta: float):
-    """TRL's sigmoid DPO loss and reward metrics for per-token log-probs (2B, T) [chosen rows, rejected rows]."""
-    ident = lambda x: x  # noqa: E731 -- one process: gathering is the identity
-    stand_in = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=SimpleNamespace(device="cpu", gather=ident,
-                                                                          gather_for_metrics=ident),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
-        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
-    )
-    rows, length = per_token.shape[0], per_token.shape[1] + 1
-    outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
-                              mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(per_token).bool())
-    inputs = {"input_ids": torch.zeros(rows, length, dtype=torch.long), "attention_mask": torch.ones(rows, length),
-              "completion_mask": torch.cat([torch.zeros(rows, 1), mask], dim=1),
-              "ref_chosen_logps": reference[:, 0], "ref_rejected_logps": reference[:, 1]}
-    loss = trl_dpo.DPOTrainer._compute_loss(stand_in, lambda **kwargs: outputs, inputs, return_outputs=False)
-    return loss, {k: v[0] for k, v in stand_in._metrics["train"].items()}
+BETA = 0.5
 
 
-@pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_dpo_loss_matches_trl_on_the_same_log_probs(beta):
-    torch.manual_seed(0)
-    pairs, tokens = 6, 7
-    per_token = -torch.rand(2 * pairs, tokens) * 3  # TRL's masked per-token log-probs: zero outside the reply
-    mask = (torch.rand(2 * pairs, tokens) > 0.3).float()
-    per_token = per_token * mask
-    policy = torch.stack(per_token.sum(dim=1).chunk(2), dim=1)  # (pairs, 2): [chosen, rejected]
-    reference = policy + torch.randn(pairs, 2)
+@pytest.fixture
+def pairs_file(synth_dir, tmp_path):
+    """Four image question pairs: the right answer chosen, another of its category rejected."""
+    path = tmp_path / "pairs.jsonl"
+    write_preferences(path, make_preferences(read_records(synth_dir / "test.jsonl")[0])[:4])
+    return path
 
-    ours, metrics = dpo_loss(policy, reference, beta)
-    theirs, their_metrics = _trl_loss(per_token, mask, reference, beta)
-    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
-    assert ours.item() != pytest.approx(dpo_loss(policy, reference, beta * 2)[0].item(), abs=1e-3)  # beta matters
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-        assert metrics[name].mean().item() == pytest.approx(their_metrics[name], abs=1e-6), name
+
+def train_five_steps(pairs_file, out, settings):
+    """Train 5 full-batch steps; return each step's (loss, policy, reference, TRL's reference,
+    completion mask) -- policy and reference scored apart from TRL -- and the trainer's log."""
+    cfg = make_config(pairs_file, out, ["train.stage=dpo", "train.max_steps=5", "train.batch_size=4",
+                                        "train.lr.lm=3e-3", "train.lr.projector=3e-3", f"dpo.beta={BETA}", *settings])
+    set_seed(cfg.train.seed)  # as a run starts (stage.begin): the same starting weights whatever ran before
+    records = read_preferences(pairs_file)[0]
+    model, processor, rates = prepare_model(cfg, records, None, log=lambda *a: None)
+    pairs = PreferenceDataset(records, processor, max_length=1024)
+    starting = copy.deepcopy(model).eval()
+    trainer = build_trainer(cfg, model, processor, rates, pairs, out / "data")
+    steps, compute_loss = [], trainer.compute_loss
+
+    def checked(model, inputs, return_outputs=False, num_items_in_batch=None):
+        assert "pixel_values" in inputs  # the images reach the model
+        loss = compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with torch.no_grad():
+            model.eval()
+            policy = pair_logps(model, inputs)
+            model.train()
+            reference = pair_logps(starting, inputs)
+        theirs = torch.stack([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], dim=1)
+        steps.append((loss.detach(), policy, reference, theirs, inputs["completion_mask"]))
+        return loss
+
+    trainer.compute_loss = checked
+    trainer.train()
+    return steps, [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_trl_sigmoid_loss_of_each_step_equals_the_formula_on_vlmkit_log_probs(pairs_file, tmp_path):
+    steps, logged = train_five_steps(pairs_file, tmp_path / "run", [])
+    assert len(steps) == 5
+    for loss, policy, reference, theirs, _ in steps:
+        assert torch.allclose(theirs, reference, atol=1e-4)  # TRL's precomputed reference is the starting model's
+        ratios = policy - reference
+        # TRL's `loss_type="sigmoid"`: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), mean over pairs
+        expected = -F.logsigmoid(BETA * (ratios[:, 0] - ratios[:, 1])).mean()
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    losses = [loss.item() for loss, *_ in steps]
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)  # policy == reference
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses  # one batch: every step helps
+    # TRL's own metrics, logged each step: the chosen reply's reward climbs from 0, the margin with it.
+    chosen, margins = [e["rewards/chosen"] for e in logged], [e["rewards/margins"] for e in logged]
+    assert chosen[0] == pytest.approx(0.0, abs=1e-5) and chosen[-1] > 0.0, chosen
+    assert margins[-1] > margins[0], margins
+    final_ratios = steps[-1][1] - steps[-1][2]
+    assert logged[-1]["rewards/chosen"] == pytest.approx(BETA * final_ratios[:, 0].mean().item(), abs=1e-4)
+
+
+def test_trl_ipo_loss_trains_through_the_same_seams(pairs_file, tmp_path):
+    steps, _ = train_five_steps(pairs_file, tmp_path / "run", ["dpo.loss_type=ipo"])
+    for loss, policy, reference, _, completion_mask in steps:
+        # TRL's `loss_type="ipo"`: the log-ratios averaged over each reply's tokens, squared distance to 1/(2 beta)
+        tokens = torch.stack(completion_mask.sum(dim=1).chunk(2), dim=1).float()
+        ratios = (policy - reference) / tokens
+        expected = ((ratios[:, 0] - ratios[:, 1] - 1 / (2 * BETA)) ** 2).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    losses = [loss.item() for loss, *_ in steps]
+    assert losses[0] == pytest.approx(1 / (4 * BETA**2), rel=1e-5)  # no sigmoid loss starts there
+    assert losses[-1] < losses[0], losses
 
 
 def test_sequence_log_probs_sum_the_labelled_tokens_only():

@@ -186,7 +186,9 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, crop_sizes)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids to find the <image> placeholders")
-        if labels is not None and self.training and isinstance(logits_to_keep, int) and not logits_to_keep:
+        # TRL's fused LM head on the LM (DPO: train/dpo.py) scores only the labelled positions by itself.
+        fused = kwargs.get("fused_lm_head", False)
+        if labels is not None and self.training and not fused and isinstance(logits_to_keep, int) and not logits_to_keep:
             # Training needs logits only where the next token is supervised: about a tenth of a
             # chat sample's positions, and the LM head is a sixth of a small LM's work. The LM
             # scores those positions alone and computes its own loss on the labels they predict.

@@ -41,10 +41,13 @@ MODULES = {"vision": "vision_tower", "projector": "projector", "lm": "language_m
 STAGING = "tmp-"
 
 
-def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool,
+                       arguments: type[TrainingArguments] = TrainingArguments, **extra) -> TrainingArguments:
+    """The Trainer's arguments from the run's config; `arguments` may be a subclass (TRL's DPOConfig)
+    given its own fields in `extra`."""
     t = cfg.train
     eval_every = t.eval_steps if t.eval_steps > 0 else None
-    return TrainingArguments(
+    return arguments(
         output_dir=t.output_dir,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -80,6 +83,7 @@ def training_arguments(cfg: RunConfig, rates: LearningRates, has_eval: bool) -> 
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config or None,
         deepspeed=t.deepspeed,
+        **extra,
     )
 
 
