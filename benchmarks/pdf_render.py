@@ -1,9 +1,11 @@
 """PDF rendering: pages/s of `vlmkit docs render` with 1 and 2 worker processes, against pdftoppm.
 
-    python benchmarks/pdf_render.py [--small] [--pdfs 4] [--pages 30] [--dpi 150]
+    python benchmarks/pdf_render.py [--small] [--pdfs 4] [--pages 30] [--dpi 150] [--from DIR]
 
 The PDFs are made here with matplotlib's PDF backend (nothing is downloaded): A4 report
 pages with a title, paragraphs of real (vector) text in an embedded font, and a bar chart.
+`--from DIR` renders the PDFs of DIR instead, for example real manuals
+(`python -m examples.real_pdfs.fetch --out data/real-pdfs`, then `--from data/real-pdfs/train`).
 vlmkit renders them with `vlmkit.data.pdf.render_to_store` -- what `vlmkit docs render`
 runs: PDFium, PNG encoding, the text layer, and writing the page store. The reference is
 poppler's `pdftoppm -png -r DPI` on the same pages at the same dpi: one process over all
@@ -58,6 +60,12 @@ def make_pdfs(out: Path, n_pdfs: int, pages: int) -> list[Path]:
     return paths
 
 
+def page_count(pdf: Path) -> int:
+    import pypdfium2
+
+    return len(pypdfium2.PdfDocument(str(pdf)))
+
+
 def time_vlmkit(pdfs: Path, work: Path, dpi: float, workers: int) -> float:
     """Seconds for `render_to_store` to put every page of `pdfs` (a file or a folder) into a new store."""
     store = work / f"store-{workers}.h5"
@@ -93,16 +101,21 @@ def main() -> None:
     parser.add_argument("--pdfs", type=int, help="PDF files (default 4; small 2)")
     parser.add_argument("--pages", type=int, help="pages per PDF (default 30; small 6)")
     parser.add_argument("--dpi", type=float, default=150)
+    parser.add_argument("--from", dest="source", type=Path, help="render the PDFs of this folder instead")
     args = parser.parse_args()
     started = time.perf_counter()
     n_pdfs, pages = args.pdfs or (2 if args.small else 4), args.pages or (6 if args.small else 30)
     pdftoppm = shutil.which("pdftoppm")
     with tempfile.TemporaryDirectory(prefix="vlmkit-pdf-") as tmp:
         pdf_dir, work = Path(tmp) / "pdfs", Path(tmp) / "work"
-        pdf_dir.mkdir()
         work.mkdir()
-        pdfs = make_pdfs(pdf_dir, n_pdfs, pages)
-        total = n_pdfs * pages
+        if args.source:
+            pdf_dir, pdfs = args.source, sorted(args.source.glob("*.pdf"))
+            n_pdfs, total = len(pdfs), sum(page_count(pdf) for pdf in pdfs)
+        else:
+            pdf_dir.mkdir()
+            pdfs = make_pdfs(pdf_dir, n_pdfs, pages)
+            total = n_pdfs * pages
         time_vlmkit(pdfs[0], work, args.dpi, 1)  # warm-up: file cache, first imports
         seconds = {w: time_vlmkit(pdf_dir, work, args.dpi, w) for w in (1, 2)}
         poppler = {p: time_pdftoppm(pdfs, work, args.dpi, p) for p in (1, 2)} if pdftoppm else {1: None, 2: None}
@@ -112,7 +125,8 @@ def main() -> None:
     rate = {w: total / s for w, s in seconds.items()}
     ref = {p: total / s if s else None for p, s in poppler.items()}
     note = "" if pdftoppm else "pdftoppm not installed (Debian package poppler-utils)"
-    details = {"pages": total, "pdfs": n_pdfs, "dpi": args.dpi, "seconds": seconds, "pdftoppm_seconds": poppler}
+    details = {"pages": total, "pdfs": n_pdfs, "dpi": args.dpi, "seconds": seconds, "pdftoppm_seconds": poppler,
+               "source": str(args.source or "made with matplotlib")}
     entries = [
         common.entry("render 1 worker", rate[1], "pages/s", ref[1], "pdftoppm, 1 process", note=note, **details),
         common.entry("render 2 workers", rate[2], "pages/s", ref[2], "pdftoppm, 2 processes", note=note, **details),
