@@ -73,3 +73,16 @@ def test_evaluate_end_to_end_and_bad_inputs(untrained, docs_dir, tmp_path, monke
     empty.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": " "}\n')
     with pytest.raises(DataError, match=r"queries\.jsonl:2 \(id 'b'\): the query text is empty"):
         ev.read_queries(empty)
+
+
+def test_exact_search_over_many_blocks_matches_brute_force():
+    # Later blocks only update the queries whose block maximum beats their k-th best: ties
+    # across blocks, and rows that change in one block but not the next, must all come out exact.
+    g = torch.Generator().manual_seed(1)
+    queries = torch.randint(-3, 4, (40, 6), generator=g).float()
+    docs = torch.randint(-3, 4, (3000, 6), generator=g).float()
+    expected = _brute_force(queries, docs, 10)
+    for chunk in (40 * 11, 40 * 150, 2**22):
+        scores, indices = ev.search(queries, docs, 10, chunk_elements=chunk)
+        assert torch.equal(indices, expected)
+        assert torch.equal(scores, score(queries, docs).gather(1, expected))
