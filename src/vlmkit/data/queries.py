@@ -34,8 +34,9 @@ from vlmkit.processing.markers import IMAGE_MARKER
 GENERATE_PROMPT = (f"{IMAGE_MARKER}\nWrite one search query that this page answers and that no other page "
                    "would. Reply with the query only.")
 # For a language model without a vision tower: the page's text layer stands where the image would.
-TEXT_PROMPT = ("Here is the text of one page of a document:\n\n{text}\n\nWrite one search query that this "
-               "page answers and that no other page would. Reply with the query only.")
+# The page first and the task last, asked as a reader's question: SmolLM2-135M-Instruct, asked
+# for "a query no other page would answer" after the text, echoed the text or that phrase back.
+TEXT_PROMPT = "{text}\n\nWrite a question that a reader could answer with the text above. Reply with the question only."
 MAX_PAGE_CHARS = 2000  # of a text layer put in the prompt: about 500 tokens, the page's start
 FILTER_PROMPT = """Does the search query identify one specific page on its own? Answer yes or no.
 Query: What was Acme's revenue in Q3 2021? Answer: yes
