@@ -68,6 +68,10 @@ def test_make_pairs_splits_by_page(tmp_path):
     assert set(read_queries(paths["test_queries.jsonl"])) == set(qrels)
     n_kept = sum(r["keep"] for r in records)
     assert len(read_pairs(paths["train_pairs.jsonl"])) + len(qrels) == n_kept
+    two_documents = [{**r, "doc_id": f"doc{i % 2}.pdf#{i}"} for i, r in enumerate(records)]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in two_documents))
+    with pytest.raises(DataError, match=r"the test split is empty: a fraction of 0.2 of 2 document\(s\)"):
+        make_pairs(tmp_path / "two.jsonl", tmp_path / "out3", test_fraction=0.2, split_by="document")
     (tmp_path / "none.jsonl").write_text(json.dumps({**records[0], "keep": False}) + "\n")
     with pytest.raises(DataError, match="no kept queries"):
         make_pairs(tmp_path / "none.jsonl", tmp_path / "out2")

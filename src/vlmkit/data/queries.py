@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from vlmkit.data.page_store import PageStore
-from vlmkit.data.pairs import Pair, split_pairs, write_pairs
+from vlmkit.data.pairs import Pair, document_of, split_pairs, write_pairs
 from vlmkit.errors import DataError
 from vlmkit.model.generation import ChatModel
 from vlmkit.processing.markers import IMAGE_MARKER
@@ -192,6 +192,11 @@ def make_pairs(queries: str | Path, out_dir: str | Path, test_fraction: float = 
         raise DataError("no kept queries to make pairs from", queries)
     pairs = [Pair(r["text"], [r["doc_id"]], [], n) for n, r in enumerate(records, 1)]
     train, test = split_pairs(pairs, test_fraction, seed, split_by)
+    for side, fraction, held in (("test", test_fraction, test), ("training", 1 - test_fraction, train)):
+        if fraction > 0 and not held:
+            units = len({d if split_by == "page" else document_of(d) for p in pairs for d in p.pos})
+            raise DataError(f"the {side} split is empty: a fraction of {fraction:g} of {units} {split_by}(s) "
+                            f"rounds to none; change --test-fraction or --split-by", queries)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_pairs(train, out_dir / "train_pairs.jsonl")
