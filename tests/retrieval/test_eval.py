@@ -86,3 +86,6 @@ def test_exact_search_over_many_blocks_matches_brute_force():
         scores, indices = ev.search(queries, docs, 10, chunk_elements=chunk)
         assert torch.equal(indices, expected)
         assert torch.equal(scores, score(queries, docs).gather(1, expected))
+    # k above the block alignment (256 pages) with blocks of k + 1 pages: the first block must still fill the top k.
+    _, indices = ev.search(queries, docs, 300, chunk_elements=40 * 301)
+    assert torch.equal(indices, _brute_force(queries, docs, 300))
