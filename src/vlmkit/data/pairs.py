@@ -192,6 +192,13 @@ class PairBatches(Dataset):
 SPLIT_UNITS = ("page", "document")
 
 
+def split_unit(by: str) -> Callable[[str], str]:
+    """What a split draws a page id into: the page itself, or its document (`document_of`)."""
+    if by not in SPLIT_UNITS:
+        raise ValueError(f"split by {by!r}: use one of {SPLIT_UNITS}")
+    return document_of if by == "document" else (lambda doc_id: doc_id)
+
+
 def split_pairs(pairs: list[Pair], test_fraction: float, seed: int = 0,
                 by: str = "page") -> tuple[list[Pair], list[Pair]]:
     """Train and test pairs whose positive pages never overlap; negatives crossing over are dropped.
@@ -199,9 +206,7 @@ def split_pairs(pairs: list[Pair], test_fraction: float, seed: int = 0,
     `by="page"` draws test pages; `by="document"` draws whole documents (`document_of`), so no
     test page shares a document with a training page, as a retriever meets new documents.
     """
-    if by not in SPLIT_UNITS:
-        raise ValueError(f"split by {by!r}: use one of {SPLIT_UNITS}")
-    unit = document_of if by == "document" else (lambda doc_id: doc_id)
+    unit = split_unit(by)
     units = sorted({unit(d) for p in pairs for d in p.pos})
     random.Random(seed).shuffle(units)
     test_units = set(units[: round(len(units) * test_fraction)])

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from vlmkit.data.page_store import PageStore
-from vlmkit.data.pairs import Pair, document_of, split_pairs, write_pairs
+from vlmkit.data.pairs import Pair, split_pairs, split_unit, write_pairs
 from vlmkit.errors import DataError
 from vlmkit.model.generation import ChatModel
 from vlmkit.processing.markers import IMAGE_MARKER
@@ -194,7 +194,7 @@ def make_pairs(queries: str | Path, out_dir: str | Path, test_fraction: float = 
     train, test = split_pairs(pairs, test_fraction, seed, split_by)
     for side, fraction, held in (("test", test_fraction, test), ("training", 1 - test_fraction, train)):
         if fraction > 0 and not held:
-            units = len({d if split_by == "page" else document_of(d) for p in pairs for d in p.pos})
+            units = len({split_unit(split_by)(d) for p in pairs for d in p.pos})
             raise DataError(f"the {side} split is empty: a fraction of {fraction:g} of {units} {split_by}(s) "
                             f"rounds to none; change --test-fraction or --split-by", queries)
     out_dir = Path(out_dir)
