@@ -53,3 +53,29 @@ def test_a_run_counts_its_training_flops_per_token_and_reports_its_mfu(synth_dir
     per_token = 6 * counted  # the run above trained every module
     assert metrics["total_flos"] > 0 and metrics["total_flos"] % per_token == 0  # whole tokens, nothing else
     assert 0 < metrics["mfu"] < 1
+
+
+def test_a_peak_measured_low_at_the_start_is_measured_again_once_a_step_outruns_it(monkeypatch):
+    from vlmkit.train import mfu
+
+    probes = iter([1e6, 4e9])  # the start-up probe under load, then the idle machine's
+    monkeypatch.setattr(mfu, "measured_peak", lambda dtype, device: next(probes))
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=10, global_step=0, num_input_tokens_seen=0,
+                            total_flos=0.0)
+    args = SimpleNamespace(world_size=1, bf16=False, device="cpu")
+    bar = ProgressBar()
+    bar.on_train_begin(args, state, None)
+    assert bar.peak_flops == 1e6
+    time.sleep(0.01)
+    state.global_step, state.num_input_tokens_seen, state.total_flos = 5, 5000, 1e7  # at least 1e9 FLOP/s shown
+    bar.on_log(args, state, None, logs={"loss": 1.0})
+    assert bar.peak_flops == 4e9
+    utilisation = float(bar.bar.postfix.split("MFU=")[1].split("%")[0]) / 100
+    assert 0 < utilisation <= 1e7 / 0.01 / 4e9
+    # A peak the user gave is theirs: never replaced.
+    given = ProgressBar(peak_flops=1e6)
+    given.on_train_begin(args, SimpleNamespace(**{**vars(state), "total_flos": 0.0, "num_input_tokens_seen": 0}), None)
+    given.check_peak(1e9, args)
+    assert given.peak_flops == 1e6
+    bar.on_train_end(args, state, None)
+    given.on_train_end(args, state, None)
