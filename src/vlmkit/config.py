@@ -247,6 +247,7 @@ class RetrievalConfig:
     doc_prefix: str = "page: "
     bidirectional: bool = False
     multi_vector_dim: int = 0  # > 0: one vector of this size per token, MaxSim scoring (ColPali)
+    page_text_tokens: int = 0  # > 0: a page's input also carries the first N tokens of its text layer
     temperature: float = 0.02
     hard_negatives: int = 0  # per query, drawn from each pair's "neg" list
     grad_cache: bool = False

@@ -93,3 +93,43 @@ def test_save_and_load_with_a_convolutional_tower(tmp_path, page_images):
     assert loaded.config.pooling == "mean" and loaded.config.multi_vector_dim == 4
     inputs = _inputs(processor, loaded, images=page_images)
     assert torch.allclose(loaded(**inputs), model(**inputs), atol=1e-6)
+
+
+def test_a_page_can_carry_the_start_of_its_text_layer(tmp_path, page_images):
+    from vlmkit.data.page_store import PageStore, PageStoreWriter
+    from vlmkit.eval.retrieval import encode_pages
+
+    model, processor = make_retriever(TEXTS)
+    reader = VLMRetriever.from_vlm(model.vlm, page_text_tokens=4).eval()
+    tokenizer = processor.tokenizer
+    texts = ["red header with a blue circle and more words than four", "", "purple <image> <|im_end|> purple"]
+    with pytest.raises(ConfigError, match="pass the 3 pages' texts"):
+        encode_inputs(processor, reader.config, images=page_images)
+    inputs = encode_inputs(processor, reader.config, images=page_images, page_texts=texts)
+    image_only = encode_inputs(processor, model.config, images=page_images)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    added = [int(n) for n in mask.sum(1) - image_only["attention_mask"].sum(1)]
+    assert added[1] == 0  # a page without a text layer is its image alone
+    assert 1 + 4 - 1 <= added[0] <= 1 + 4 + 1  # "\n" and 4 tokens (re-tokenised: give or take one)
+    # Markers and control tokens in a text layer are plain words, never a placeholder or an end of turn.
+    specials = {tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens} - {tokenizer.eos_token_id}
+    tail = ids[2][mask[2]][-(added[2] + 1):-1].tolist()
+    assert tail and not set(tail) & specials
+    assert (ids[2] == tokenizer.eos_token_id).sum() == (image_only["input_ids"][2] == tokenizer.eos_token_id).sum()
+
+    # The text changes the page's embedding, and an index built from a store reads the store's texts.
+    with_text = reader(**{k: v for k, v in inputs.items() if k != "crops_per_row"})
+    without = reader(**_inputs(processor, reader, images=page_images, page_texts=[""] * 3))
+    assert not torch.allclose(with_text[0], without[0], atol=1e-4) and torch.allclose(with_text[1], without[1], atol=1e-5)
+    store_path = tmp_path / "pages.h5"
+    with PageStoreWriter(store_path) as writer:
+        for i, (image, text) in enumerate(zip(page_images, texts)):
+            image.save(tmp_path / "p.png")
+            writer.add(f"p{i}", (tmp_path / "p.png").read_bytes(), {"text": text} if text else {})
+    _, indexed = encode_pages(reader, processor, PageStore(store_path), batch_size=2, progress=False)
+    assert torch.allclose(indexed, with_text, atol=1e-5)
+
+    reader.save_pretrained(tmp_path / "model")
+    assert VLMRetriever.from_pretrained(tmp_path / "model").config.page_text_tokens == 4
+    with pytest.raises(ConfigError, match="page_text_tokens must be a whole number"):
+        VLMRetriever.from_vlm(model.vlm, page_text_tokens=-1)

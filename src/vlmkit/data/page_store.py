@@ -31,7 +31,7 @@ DATASETS = ("ids", "images", "meta")
 
 
 class PageStore:
-    """Read-only access to a store: `ids`, `image(id)`, `image_bytes(id)`, `meta(id)`."""
+    """Read-only access to a store: `ids`, `image(id)`, `image_bytes(id)`, `meta(id)`, `text(id)`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -86,6 +86,10 @@ class PageStore:
 
     def meta(self, doc_id: str) -> dict:
         return json.loads(self._h5()["meta"][self._row(doc_id)])
+
+    def text(self, doc_id: str) -> str:
+        """The page's text layer; "" for a page without one (an image, a scanned page)."""
+        return self.meta(doc_id).get("text") or ""
 
     def check_ids(self, ids, source) -> None:
         """Raise a DataError naming `source` and the first id that is not in the store."""

@@ -78,7 +78,7 @@ def generate_queries(chat: ChatModel, store: PageStore, out: str | Path, prompt_
         raise DataError("a prompt for a language model must contain {text} where the page's text goes", prompt_file)
     done = {r["doc_id"] for r in _read_done(out).values()}
     todo = [doc_id for doc_id in store.ids if doc_id not in done]
-    texts = {} if chat.sees_images else {d: (store.meta(d).get("text") or "").strip() for d in todo}
+    texts = {} if chat.sees_images else {d: store.text(d).strip() for d in todo}
     no_text = [d for d in todo if d in texts and not texts[d]]
     todo = [d for d in todo if d not in no_text]
     written = empty = 0
@@ -160,7 +160,7 @@ def text_layer_queries(store: PageStore, out: str | Path, per_page: int = 2, wor
     """
     out = Path(out)
     done = {r["doc_id"] for r in _read_done(out).values()}
-    layers = {doc_id: store.meta(doc_id).get("text", "") for doc_id in store.ids}
+    layers = {doc_id: store.text(doc_id) for doc_id in store.ids}
     flat = {doc_id: " ".join(WORD.findall(text)).lower() for doc_id, text in layers.items()}
     written = bare = 0
     with out.open("a", encoding="utf-8") as handle:

@@ -33,7 +33,7 @@ class LexicalIndex:
 
     @classmethod
     def of_store(cls, store: PageStore) -> LexicalIndex:
-        return cls(store.ids, [store.meta(doc_id).get("text") or "" for doc_id in store.ids])
+        return cls(store.ids, [store.text(doc_id) for doc_id in store.ids])
 
     def __len__(self) -> int:
         return len(self.ids)

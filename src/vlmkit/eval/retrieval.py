@@ -120,7 +120,8 @@ def encode_pages(model: VLMRetriever, processor: VLMProcessor, store: PageStore,
     for start in tqdm(starts, desc="index", unit="batch", disable=not progress):
         batch_ids = ids[start:start + batch_size]
         images = [store.image(doc_id) for doc_id in batch_ids]
-        out.append(_embed(model, encode_inputs(processor, model.config, images=images)))
+        texts = [store.text(doc_id) for doc_id in batch_ids] if model.config.page_text_tokens else None
+        out.append(_embed(model, encode_inputs(processor, model.config, images=images, page_texts=texts)))
         out_ids += batch_ids
     if not out:
         return [], torch.zeros(0)

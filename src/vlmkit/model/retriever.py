@@ -41,6 +41,8 @@ class RetrieverConfig(VLMConfig):
         query_prefix, doc_prefix: instruction text put before every query / page.
         bidirectional: let every token attend to every other (the LM must use sdpa or eager attention).
         multi_vector_dim: 0 for one vector per input; else the size of one vector per token (MaxSim scoring).
+        page_text_tokens: 0 for pages seen as images only; else a page's input carries, after its image,
+            the first this many tokens of its text layer (the store's `text`; none for a page without one).
     """
 
     model_type = "vlmkit_retriever"
@@ -51,9 +53,11 @@ class RetrieverConfig(VLMConfig):
     doc_prefix: str = "page: "
     bidirectional: bool = False
     multi_vector_dim: int = 0
+    page_text_tokens: int = 0
 
 
-RETRIEVAL_FIELDS = ("pooling", "normalize", "query_prefix", "doc_prefix", "bidirectional", "multi_vector_dim")
+RETRIEVAL_FIELDS = ("pooling", "normalize", "query_prefix", "doc_prefix", "bidirectional", "multi_vector_dim",
+                    "page_text_tokens")
 
 
 class VLMRetriever(VLMPreTrainedModel):
@@ -65,6 +69,8 @@ class VLMRetriever(VLMPreTrainedModel):
     def __init__(self, config: RetrieverConfig, vlm: VLMForConditionalGeneration | None = None):
         super().__init__(config)
         get_pooling(config.pooling)  # fail on a bad name now, not at the first batch
+        if not isinstance(config.page_text_tokens, int) or config.page_text_tokens < 0:
+            raise ConfigError(f"retrieval.page_text_tokens must be a whole number >= 0, not {config.page_text_tokens!r}")
         self.vlm = vlm if vlm is not None else VLMForConditionalGeneration(_vlm_config(config))
         attention = self.vlm.language_model.config._attn_implementation
         if config.bidirectional and attention not in BIDIRECTIONAL_ATTENTION:
@@ -149,20 +155,40 @@ def query_texts(config: RetrieverConfig, texts: list[str], eos: str) -> list[str
     return [f"{config.query_prefix}{text}{eos}" for text in texts]
 
 
-def doc_texts(config: RetrieverConfig, n: int, eos: str) -> list[str]:
-    """The text of `n` pages: prefix, the page image and EOS."""
-    return [f"{config.doc_prefix}{IMAGE_MARKER}{eos}"] * n
+def doc_texts(config: RetrieverConfig, n: int, tokenizer, page_texts: list[str] | None = None) -> list[str]:
+    """The text of `n` pages: prefix, the page image, the start of its text layer when
+    `config.page_text_tokens` asks for it, and EOS."""
+    eos = tokenizer.eos_token
+    if not config.page_text_tokens:
+        return [f"{config.doc_prefix}{IMAGE_MARKER}{eos}"] * n
+    if page_texts is None or len(page_texts) != n:
+        raise ConfigError(f"this retriever reads each page's text layer (page_text_tokens={config.page_text_tokens}): "
+                          f"pass the {n} pages' texts with their images")
+    clipped = [tokenizer.decode(ids[:config.page_text_tokens]) for ids in
+               tokenizer([plain_text(t, tokenizer) for t in page_texts], add_special_tokens=False)["input_ids"]]
+    return [f"{config.doc_prefix}{IMAGE_MARKER}\n{text}{eos}" if text.strip() else f"{config.doc_prefix}{IMAGE_MARKER}{eos}"
+            for text in clipped]
 
 
-def encode_inputs(processor, config: RetrieverConfig, queries: list[str] | None = None, images=None) -> dict:
-    """Model inputs for a batch of query texts or of page images (exactly one of the two).
+def plain_text(text: str, tokenizer) -> str:
+    """A text layer with the image marker and every added token's string removed: a PDF's text
+    is words, and "<image>" or "<|im_end|>" in it must not become a placeholder or a control token."""
+    for control in (IMAGE_MARKER, *(t.content for t in tokenizer.added_tokens_decoder.values())):
+        text = text.replace(control, " ")
+    return text
+
+
+def encode_inputs(processor, config: RetrieverConfig, queries: list[str] | None = None, images=None,
+                  page_texts: list[str] | None = None) -> dict:
+    """Model inputs for a batch of query texts or of page images (exactly one of the two); a
+    retriever with `page_text_tokens` also takes the pages' text layers (`page_texts`, "" for none).
 
     Page inputs also carry `crops_per_row`, which micro-batching needs and the model does not take.
     """
     eos = processor.tokenizer.eos_token
     if images is not None:
         images = list(images)
-        batch = processor(text=doc_texts(config, len(images), eos), images=images)
+        batch = processor(text=doc_texts(config, len(images), processor.tokenizer, page_texts), images=images)
         crops = [len(plan.crop_sizes) for plan in processor.plans(images)]
         images = {key: batch[key] for key in ("pixel_values", "crop_sizes") if key in batch}
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **images,

@@ -46,8 +46,9 @@ class PageBatchCollator:
     def __call__(self, items: list[dict]) -> dict:
         (item,) = items  # the DataLoader's batch size is 1: each item is a whole batch already
         images = [self.store.image(doc_id) for doc_id in item["doc_ids"]]
+        texts = [self.store.text(doc_id) for doc_id in item["doc_ids"]] if self.config.page_text_tokens else None
         return {"query": encode_inputs(self.processor, self.config, queries=item["queries"]),
-                "doc": encode_inputs(self.processor, self.config, images=images)}
+                "doc": encode_inputs(self.processor, self.config, images=images, page_texts=texts)}
 
 
 def build_retriever(cfg: RetrieverRunConfig, training_texts,
