@@ -62,7 +62,7 @@ test-slow: $(STAMP) models
 test-all: $(STAMP) chromium models
 	$(BIN)/python -m pytest tests
 
-# Every benchmark (docs/benchmarks.md) into runs/bench/results.json: about 11 minutes on 2 cores.
+# Every benchmark (docs/benchmarks.md) into runs/bench/results.json: about 9 minutes on 2 cores.
 # pdftoppm (poppler-utils), the PDF rendering reference, is installed when missing and apt-get
 # can run as root; otherwise that reference is left empty and the entry says why.
 bench: $(STAMP)

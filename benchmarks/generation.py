@@ -7,7 +7,7 @@ built-in data; speed does not depend on the weights). The same weights are expor
 `vlmkit export --format llava` and loaded as transformers' LlavaForConditionalGeneration;
 both get the same input ids and pixels. Greedy decoding, exactly `--new-tokens` tokens
 (min_new_tokens = max_new_tokens, as random weights would stop anywhere). With t(n) the
-median time of `generate` for n new tokens:
+median time of `generate` for n new tokens over 5 runs (2 with --small):
 
 - prefill = t(1): encoding the image and the prompt, and the first token;
 - decode tokens/s = batch x (n - 1) / (t(n) - t(1)): the later tokens alone;

@@ -133,3 +133,20 @@ def test_a_page_can_carry_the_start_of_its_text_layer(tmp_path, page_images):
     assert VLMRetriever.from_pretrained(tmp_path / "model").config.page_text_tokens == 4
     with pytest.raises(ConfigError, match="page_text_tokens must be a whole number"):
         VLMRetriever.from_vlm(model.vlm, page_text_tokens=-1)
+
+
+def test_a_text_layer_is_clipped_in_the_original_string_with_its_white_space_collapsed():
+    from vlmkit.model.retriever import clip_to_tokens, plain_text
+
+    _, processor = make_retriever(TEXTS)
+    tokenizer = processor.tokenizer
+    for text in ["日本語のテキストです", "red  header\n\n\n  with a blue circle", "é" * 50, ""]:
+        words = plain_text(text, tokenizer)
+        assert "  " not in words and "\n" not in words
+        for n in (1, 3, 7):
+            clipped = clip_to_tokens(words, tokenizer, n)
+            assert words.startswith(clipped) and "\ufffd" not in clipped
+            assert len(tokenizer(clipped, add_special_tokens=False)["input_ids"]) <= n
+    assert clip_to_tokens(plain_text("  \n\n real words here", tokenizer), tokenizer, 2)  # white space is no budget
+    with pytest.raises(ConfigError, match="page_text_tokens must be a whole number"):
+        make_retriever(TEXTS, page_text_tokens=True)

@@ -111,3 +111,24 @@ def test_the_pretrained_recipe_trains_a_step_on_the_real_weights(pretrained_chec
     model, processor = load_retriever(out)
     assert model.config.vision_config.model_type == "dinov2" and processor.image_processor.slicing == "minicpm"
     assert num_image_tokens(image_token_spec(model.config)) == 64  # per view: 16x16 patches folded 2x2
+
+
+def test_a_text_reading_retriever_needs_text_layers_and_init_from_keeps_the_saved_settings(docs_dir, tmp_path):
+    from vlmkit.train.retrieval import build_retriever
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "a red page", "pos": ["train-00000"]}\n')
+    base = [f"data.train={pairs}", f"data.docs={docs_dir / 'train_docs.h5'}", f"train.output_dir={tmp_path / 'out'}"]
+    # The built-in pages are images without a text layer.
+    with pytest.raises(ConfigError, match="page_text_tokens is 64, but no page of the pairs.*has a text layer"):
+        retrieval_run.run(load_retriever_config(None, base + ["retrieval.page_text_tokens=64"]), log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
+
+    model, processor = make_retriever(["a red page"], page_text_tokens=16)
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    init = [f"retrieval.init_from={tmp_path / 'saved'}"]
+    loaded, _, _ = build_retriever(load_retriever_config(None, base + init), lambda: [])
+    assert loaded.config.page_text_tokens == 16  # unset here: the saved value holds
+    with pytest.raises(ConfigError, match="retrieval.page_text_tokens is 128, but the retriever in .* was trained with 16"):
+        build_retriever(load_retriever_config(None, base + init + ["retrieval.page_text_tokens=128"]), lambda: [])

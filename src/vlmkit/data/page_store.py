@@ -89,7 +89,11 @@ class PageStore:
 
     def text(self, doc_id: str) -> str:
         """The page's text layer; "" for a page without one (an image, a scanned page)."""
-        return self.meta(doc_id).get("text") or ""
+        text = self.meta(doc_id).get("text") or ""
+        if not isinstance(text, str):
+            raise DataError(f"the stored text layer is a {type(text).__name__}, not a string", self.path,
+                            record_id=doc_id)
+        return text
 
     def check_ids(self, ids, source) -> None:
         """Raise a DataError naming `source` and the first id that is not in the store."""

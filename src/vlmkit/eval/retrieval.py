@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytrec_eval
@@ -116,13 +117,18 @@ def encode_pages(model: VLMRetriever, processor: VLMProcessor, store: PageStore,
     """This process's share of the store: whole fixed batches, rank r taking batches r, r + world, ..."""
     ids = store.ids
     starts = list(range(0, len(ids), batch_size))[rank::world_size]
-    out_ids, out = [], []
+    out_ids, out, any_text = [], [], False
     for start in tqdm(starts, desc="index", unit="batch", disable=not progress):
         batch_ids = ids[start:start + batch_size]
         images = [store.image(doc_id) for doc_id in batch_ids]
         texts = [store.text(doc_id) for doc_id in batch_ids] if model.config.page_text_tokens else None
+        any_text = any_text or any(texts or ())
         out.append(_embed(model, encode_inputs(processor, model.config, images=images, page_texts=texts)))
         out_ids += batch_ids
+    if model.config.page_text_tokens and out_ids and not any_text:
+        warnings.warn(f"this retriever was trained to read pages' text layers (page_text_tokens="
+                      f"{model.config.page_text_tokens}), but no page of {store.path} has one: it ranks them by "
+                      "their images alone", stacklevel=2)
     if not out:
         return [], torch.zeros(0)
     return out_ids, concat(out)

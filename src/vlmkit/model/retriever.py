@@ -69,7 +69,8 @@ class VLMRetriever(VLMPreTrainedModel):
     def __init__(self, config: RetrieverConfig, vlm: VLMForConditionalGeneration | None = None):
         super().__init__(config)
         get_pooling(config.pooling)  # fail on a bad name now, not at the first batch
-        if not isinstance(config.page_text_tokens, int) or config.page_text_tokens < 0:
+        tokens = config.page_text_tokens
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
             raise ConfigError(f"retrieval.page_text_tokens must be a whole number >= 0, not {config.page_text_tokens!r}")
         self.vlm = vlm if vlm is not None else VLMForConditionalGeneration(_vlm_config(config))
         attention = self.vlm.language_model.config._attn_implementation
@@ -164,18 +165,30 @@ def doc_texts(config: RetrieverConfig, n: int, tokenizer, page_texts: list[str] 
     if page_texts is None or len(page_texts) != n:
         raise ConfigError(f"this retriever reads each page's text layer (page_text_tokens={config.page_text_tokens}): "
                           f"pass the {n} pages' texts with their images")
-    clipped = [tokenizer.decode(ids[:config.page_text_tokens]) for ids in
-               tokenizer([plain_text(t, tokenizer) for t in page_texts], add_special_tokens=False)["input_ids"]]
-    return [f"{config.doc_prefix}{IMAGE_MARKER}\n{text}{eos}" if text.strip() else f"{config.doc_prefix}{IMAGE_MARKER}{eos}"
+    clipped = [clip_to_tokens(plain_text(t, tokenizer), tokenizer, config.page_text_tokens) for t in page_texts]
+    return [f"{config.doc_prefix}{IMAGE_MARKER}\n{text}{eos}" if text else f"{config.doc_prefix}{IMAGE_MARKER}{eos}"
             for text in clipped]
 
 
 def plain_text(text: str, tokenizer) -> str:
-    """A text layer with the image marker and every added token's string removed: a PDF's text
-    is words, and "<image>" or "<|im_end|>" in it must not become a placeholder or a control token."""
-    for control in (IMAGE_MARKER, *(t.content for t in tokenizer.added_tokens_decoder.values())):
+    """A text layer as plain words: the image marker and the tokenizer's special tokens taken out
+    (a PDF's "<image>" or "<|im_end|>" must not become a placeholder or an end of turn), and
+    every run of white space one space (PDF layouts pad with them; they would use up the budget)."""
+    for control in (IMAGE_MARKER, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)):
         text = text.replace(control, " ")
-    return text
+    return " ".join(text.split())
+
+
+def clip_to_tokens(text: str, tokenizer, n: int) -> str:
+    """The longest start of `text` made of its first `n` tokens or fewer, cut in the original
+    string at a token that ends a character: decoding n tokens could end inside a character (a
+    byte-level BPE gives one character several tokens) and leave a U+FFFD."""
+    text = text[:n * 32]  # no token is longer; tokenising a whole long page each batch would be waste
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    k = min(n, len(offsets))
+    while 0 < k < len(offsets) and offsets[k][0] < offsets[k - 1][1]:  # token k is the same character's
+        k -= 1
+    return text[:offsets[k - 1][1]] if k else ""
 
 
 def encode_inputs(processor, config: RetrieverConfig, queries: list[str] | None = None, images=None,

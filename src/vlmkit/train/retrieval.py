@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from vlmkit.config import RetrieverRunConfig, load_retriever_config
+from vlmkit.config import RetrievalConfig, RetrieverRunConfig, load_retriever_config
 from vlmkit.data.page_store import PageStore
 from vlmkit.data.pairs import PairBatches, check_ids, read_pairs
 from vlmkit.errors import ConfigError
@@ -57,10 +57,25 @@ def build_retriever(cfg: RetrieverRunConfig, training_texts,
     r = cfg.retrieval
     if r.init_from:
         model = VLMRetriever.from_pretrained(r.init_from, attn_implementation=cfg.model.attn_implementation)
+        # The saved retriever's settings hold; one set here to something else would be ignored without a word.
+        default = RetrievalConfig()
+        for name in RETRIEVAL_FIELDS:
+            asked, saved = getattr(r, name), getattr(model.config, name)
+            if asked != getattr(default, name) and asked != saved:
+                raise ConfigError(f"retrieval.{name} is {asked!r}, but the retriever in {r.init_from} (retrieval.init_from)"
+                                  f" was trained with {saved!r}; its settings hold: leave retrieval.{name} unset")
         return model, VLMProcessor.from_pretrained(r.init_from), frozenset()
     built = build(cfg.model, training_texts=training_texts, tokenizer=tokenizer)
     options = {name: getattr(r, name) for name in RETRIEVAL_FIELDS}
     return VLMRetriever.from_vlm(built.model, **options), built.processor, built.random_modules
+
+
+def check_text_layers(cfg: RetrieverRunConfig, pairs, store: PageStore) -> None:
+    """A retriever that reads text layers (`page_text_tokens`) trained on pages that have none would
+    learn from the images alone while its config says otherwise."""
+    if cfg.retrieval.page_text_tokens and not any(store.text(doc_id) for p in pairs for doc_id in p.pos + p.neg):
+        raise ConfigError(f"retrieval.page_text_tokens is {cfg.retrieval.page_text_tokens}, but no page of the pairs"
+                          f" in {cfg.data.docs} has a text layer (`vlmkit docs render` stores a PDF's); set it to 0")
 
 
 def make_trainer(cfg: RetrieverRunConfig, model: VLMRetriever, processor: VLMProcessor, pairs, store: PageStore,
@@ -91,10 +106,13 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
         raise ConfigError("retriever training needs --train-data PAIRS.jsonl and --docs STORE.h5")
     if cfg.retrieval.grad_cache and cfg.retrieval.grad_cache_micro_batch_size < 1:
         raise ConfigError("retrieval.grad_cache_micro_batch_size must be at least 1")
+    if cfg.retrieval.page_text_tokens < 0:
+        raise ConfigError(f"retrieval.page_text_tokens must be >= 0, not {cfg.retrieval.page_text_tokens}")
     out, checkpoint = stage.begin(cfg, "vlmkit retriever train", log)
     pairs = read_pairs(cfg.data.train)
     store = PageStore(cfg.data.docs)
     check_ids(pairs, store.index.keys(), cfg.data.train, cfg.data.docs)
+    check_text_layers(cfg, pairs, store)
     # Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
     model, processor, random_modules = build_retriever(cfg, lambda: [p.query for p in pairs], tokenizer)
