@@ -147,6 +147,6 @@ def test_a_text_layer_is_clipped_in_the_original_string_with_its_white_space_col
             clipped = clip_to_tokens(words, tokenizer, n)
             assert words.startswith(clipped) and "\ufffd" not in clipped
             assert len(tokenizer(clipped, add_special_tokens=False)["input_ids"]) <= n
-    assert clip_to_tokens(plain_text("  \n\n real words here", tokenizer), tokenizer, 2)  # white space is no budget
+    assert clip_to_tokens(plain_text("  \n\n real words here", tokenizer), tokenizer, 2).startswith("r")  # white space is no budget
     with pytest.raises(ConfigError, match="page_text_tokens must be a whole number"):
         make_retriever(TEXTS, page_text_tokens=True)

@@ -69,9 +69,7 @@ class VLMRetriever(VLMPreTrainedModel):
     def __init__(self, config: RetrieverConfig, vlm: VLMForConditionalGeneration | None = None):
         super().__init__(config)
         get_pooling(config.pooling)  # fail on a bad name now, not at the first batch
-        tokens = config.page_text_tokens
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-            raise ConfigError(f"retrieval.page_text_tokens must be a whole number >= 0, not {config.page_text_tokens!r}")
+        check_page_text_tokens(config.page_text_tokens)
         self.vlm = vlm if vlm is not None else VLMForConditionalGeneration(_vlm_config(config))
         attention = self.vlm.language_model.config._attn_implementation
         if config.bidirectional and attention not in BIDIRECTIONAL_ATTENTION:
@@ -120,6 +118,11 @@ class VLMRetriever(VLMPreTrainedModel):
         vectors = self.multi_vector_proj(hidden)
         vectors = F.normalize(vectors, dim=-1) if self.config.normalize else vectors
         return vectors * attention_mask.unsqueeze(-1).to(vectors.dtype)
+
+
+def check_page_text_tokens(tokens) -> None:
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ConfigError(f"retrieval.page_text_tokens must be a whole number >= 0, not {tokens!r}")
 
 
 def _vlm_config(config: RetrieverConfig) -> VLMConfig:

@@ -26,6 +26,7 @@ from vlmkit.model.retriever import (
     RETRIEVAL_FIELDS,
     RetrieverConfig,
     VLMRetriever,
+    check_page_text_tokens,
     encode_inputs,
 )
 from vlmkit.processing.processor import VLMProcessor
@@ -106,8 +107,7 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
         raise ConfigError("retriever training needs --train-data PAIRS.jsonl and --docs STORE.h5")
     if cfg.retrieval.grad_cache and cfg.retrieval.grad_cache_micro_batch_size < 1:
         raise ConfigError("retrieval.grad_cache_micro_batch_size must be at least 1")
-    if cfg.retrieval.page_text_tokens < 0:
-        raise ConfigError(f"retrieval.page_text_tokens must be >= 0, not {cfg.retrieval.page_text_tokens}")
+    check_page_text_tokens(cfg.retrieval.page_text_tokens)  # before any weights are loaded
     out, checkpoint = stage.begin(cfg, "vlmkit retriever train", log)
     pairs = read_pairs(cfg.data.train)
     store = PageStore(cfg.data.docs)
