@@ -184,7 +184,8 @@ def _retriever_eval(args) -> None:
     name = "retrieval_metrics.json" if args.mode == "dense" else f"retrieval_metrics_{args.mode}.json"
     output = args.output or (str(Path(args.model) / name) if args.model else None)
     metrics = evaluate(args.model, args.docs, args.queries, args.qrels, output, batch_size=args.batch_size,
-                       index=args.index, mode=args.mode, weights=tuple(args.weights), pool_factor=args.pool_factor)
+                       index=args.index, mode=args.mode, weights=tuple(args.weights), pool_factor=args.pool_factor,
+                       sweep=args.sweep_weights)
     print(json.dumps(metrics, indent=2))
 
 
@@ -320,6 +321,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     reval.add_argument("--output", help="metrics JSON (a TREC run file goes beside it)")
     reval.add_argument("--index", help="use this index instead of encoding the store")
     reval.add_argument("--batch-size", type=int, default=32)
+    reval.add_argument("--sweep-weights", action="store_true",
+                       help="with --mode hybrid: also score the fusion with BM25's share of the weight at 0, 0.1, "
+                            "..., 1 and report the best. Run it on queries of documents held out from training, "
+                            "not on the test queries, then search and test with that --weights")
     add_pool_factor(reval, "before the search (not with --index: pool it when indexing)")
     add_search_mode(reval, "dense")
     reval.set_defaults(func=_retriever_eval)

@@ -20,6 +20,7 @@ from vlmkit.train import gradcache
 from vlmkit.train.contrastive import info_nce, model_inputs
 from vlmkit.train.gradcache import grad_cache_step, split_batch
 from vlmkit.train.retrieval import PageBatchCollator
+from vlmkit.train.trainer import cache_frozen_vision
 
 TEMPERATURE = 0.05
 
@@ -102,6 +103,29 @@ def test_without_replay_dropout_breaks_exactness(dropout_setup, monkeypatch):
     monkeypatch.setattr(gradcache.RandomState, "replay", lambda self: contextlib.nullcontext())
     _, got = _grad_cache(model, batch, 4)
     assert _max_diff(got, ref) > 1e-6
+
+
+def test_a_frozen_encoder_runs_once_per_page_and_gradcache_stays_exact(docs_dir, pairs, monkeypatch):
+    """With the encoder frozen, training caches its features: GradCache's replay takes the pages'
+    features from the cache instead of running the encoder a second time, and the gradients do not change."""
+    model, processor = make_retriever([p.query for p in pairs], dropout=0.3)
+    model = model.double()
+    model.vlm.vision_tower.requires_grad_(False)
+    model.train()  # the frozen tower stays in eval mode: it draws no dropout masks
+    batch = _batch(model, processor, docs_dir, pairs)
+    pages = batch["doc"]["pixel_values"].shape[0]
+    state = torch.get_rng_state()
+    ref_loss, ref = _chunked_reference(model, batch, 4)
+    torch.set_rng_state(state)
+    cache_frozen_vision(model.vlm, {"vision": 0}, max_gb=1.0)
+    encoded = []
+    forward = model.vlm.vision_tower.forward
+    monkeypatch.setattr(model.vlm.vision_tower, "forward",
+                        lambda pixel_values, **k: encoded.append(len(pixel_values)) or forward(pixel_values, **k))
+    loss, got = _grad_cache(model, batch, 4)
+    assert sum(encoded) == pages  # without the cache: twice as many
+    assert abs(float(loss - ref_loss)) < 1e-12
+    assert _max_diff(got, ref) < 1e-10
 
 
 @pytest.mark.parametrize(("options", "micros"), [({}, (1, 4, 12)), ({"pooling": "mean", "bidirectional": True}, (5,)),

@@ -100,6 +100,26 @@ def test_hybrid_fuses_the_dense_and_lexical_rankings(corpus, tmp_path, monkeypat
     assert search.top(QUERIES["q3"], 1)[0].image.size == (48, 64)
 
 
+def test_a_fusion_sweep_runs_from_dense_alone_to_bm25_alone_and_names_the_best(corpus, tmp_path, monkeypatch):
+    store, queries, qrels = corpus
+    model, processor = make_retriever(list(QUERIES.values()))  # random weights: a poor dense ranking
+    model.eval()
+    monkeypatch.setattr(ev, "load_retriever", lambda directory: (model, processor))
+    dense = ev.evaluate("model", store, queries, qrels, mode="dense")
+    result = ev.evaluate("model", store, queries, qrels, output=tmp_path / "hybrid.json", mode="hybrid", sweep=True)
+    table = result["sweep"]
+    assert [row["weights"] for row in table] == [[round(1 - i / 10, 6), i / 10] for i in range(11)]
+    assert table[0]["ndcg@10"] == pytest.approx(dense["ndcg@10"]) and dense["ndcg@10"] < 1.0
+    assert table[-1]["ndcg@10"] == 1.0  # BM25 alone finds every page (test_lexical_evaluation_...)
+    best = max(row["ndcg@10"] for row in table)
+    assert result["best_weights"] == next(row["weights"] for row in table if row["ndcg@10"] == best)
+    # The fusion the run itself scores is still the one of `weights`.
+    assert result["ndcg@10"] == pytest.approx(next(row for row in table if row["weights"] == [0.5, 0.5])["ndcg@10"])
+    assert json.loads((tmp_path / "hybrid.json").read_text())["best_weights"] == result["best_weights"]
+    with pytest.raises(ConfigError, match="needs --mode hybrid"):
+        ev.evaluate("model", store, queries, qrels, mode="dense", sweep=True)
+
+
 def test_a_store_without_text_layers_is_searched_densely(tmp_path):
     store = tmp_path / "images.h5"
     with PageStoreWriter(store) as writer:

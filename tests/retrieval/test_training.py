@@ -102,9 +102,11 @@ def test_the_pretrained_recipe_trains_a_step_on_the_real_weights(pretrained_chec
     cfg = load_retriever_config("retriever-pretrained", [
         f"data.train={small}", f"data.docs={docs_dir / 'train_docs.h5'}", f"train.output_dir={tmp_path / 'r'}",
         "train.batch_size=4", "train.max_steps=1", "retrieval.grad_cache_micro_batch_size=2", "train.report_to=[]"])
-    out = retrieval_run.run(cfg, log=lambda *args: None)
+    logged = []
+    out = retrieval_run.run(cfg, log=logged.append)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["metrics"]["train_loss"] > 0
+    assert any(line.startswith("vision encoder frozen") for line in logged)  # the recipe's encoder rate is 0
     from vlmkit.eval.retrieval import load_retriever
     from vlmkit.model.tokens import image_token_spec, num_image_tokens
 

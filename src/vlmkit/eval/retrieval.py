@@ -40,6 +40,7 @@ from vlmkit.processing.processor import VLMProcessor
 # Our metric names -> trec_eval's. Runs are cut at 10 before scoring, so reciprocal rank is MRR@10.
 SEARCH_MODES = ("dense", "lexical", "hybrid")
 RUN_DEPTH = 100  # pages kept per query in the run file (and fused, in hybrid mode)
+FUSION_SHARES = tuple(i / 10 for i in range(11))  # lexical shares of the hybrid's weight that a sweep scores
 TREC_MEASURES = {"ndcg@5": "ndcg_cut_5", "ndcg@10": "ndcg_cut_10", "recall@10": "recall_10", "mrr@10": "recip_rank"}
 
 
@@ -194,6 +195,19 @@ def metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict
         "n_queries": len(judged)}
 
 
+def fusion_sweep(runs: list[list[list[tuple[str, float]]]], qids: list[str], qrels: dict[str, dict[str, int]],
+                 shares=FUSION_SHARES) -> list[dict]:
+    """The hybrid's metrics at each lexical share w of the fusion weight (weights 1 - w, w): from
+    dense alone (w = 0) to BM25 alone (w = 1). `runs` are the dense and the lexical rankings of each query.
+    The share to use is the best one on queries held out from training, never the test queries'."""
+    table = []
+    for share in shares:
+        weights = (round(1.0 - share, 6), share)
+        fused = {q: [doc_id for doc_id, _ in fuse(list(pair), weights, RUN_DEPTH)] for q, pair in zip(qids, zip(*runs))}
+        table.append({"weights": list(weights)} | metrics(fused, qrels))
+    return table
+
+
 def write_run(path: str | Path, run: dict[str, list[tuple[str, float]]], tag: str = "vlmkit") -> None:
     """A TREC run file: `qid Q0 docid rank score tag`, one line per retrieved page (pytrec_eval reads
     these but cannot write them)."""
@@ -205,14 +219,17 @@ def write_run(path: str | Path, run: dict[str, list[tuple[str, float]]], tag: st
 def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str | Path, qrels_path: str | Path,
              output: str | Path | None = None, batch_size: int = 32, index: str | Path | None = None,
              progress: bool = True, mode: str = "dense", weights: tuple[float, float] = (1.0, 1.0),
-             pool_factor: int = 1) -> dict:
+             pool_factor: int = 1, sweep: bool = False) -> dict:
     """Search every query, score against the qrels; rank 0 writes `output` (metrics JSON) and a TREC
     run file beside it. `mode`: "dense" (the retriever; the store encoded, or `index` loaded),
     "lexical" (BM25 over the pages' text layers, no model) or "hybrid" (both, fused by reciprocal
     rank with `weights` for dense and lexical). `pool_factor` > 1 pools the encoded pages' token
-    vectors (multi-vector retrievers; `vlmkit.eval.token_pooling`) before the search."""
+    vectors (multi-vector retrievers; `vlmkit.eval.token_pooling`) before the search. `sweep` (hybrid
+    only) adds `fusion_sweep`'s table and the best weights by nDCG@10."""
     if mode not in SEARCH_MODES:
         raise ConfigError(f"search mode {mode!r} is not one of {', '.join(SEARCH_MODES)}")
+    if sweep and mode != "hybrid":
+        raise ConfigError(f"a sweep of the fusion weights needs --mode hybrid, not {mode}")
     if mode != "lexical" and model_dir is None:
         raise ConfigError(f"{mode} search needs a retriever (--model)")
     check_pool_factor(pool_factor)
@@ -244,11 +261,15 @@ def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str |
                      for row_indices, row_scores in zip(indices, scores)])
     if mode != "dense":
         runs.append(LexicalIndex.of_store(store).search(texts, RUN_DEPTH))
+    table = fusion_sweep(runs, qids, qrels) if sweep else None
     if mode == "hybrid":  # runs: [dense, lexical], each one ranking per query
         runs = [[fuse(list(pair), weights, RUN_DEPTH) for pair in zip(*runs)]]
     run = dict(zip(qids, runs[0]))
     result = metrics({q: [doc_id for doc_id, _ in ranked] for q, ranked in run.items()}, qrels)
     result |= {"n_docs": len(store), "mode": mode}
+    if table:
+        # The first of equals wins: the share nearest dense alone, so BM25 must earn its weight.
+        result |= {"sweep": table, "best_weights": max(table, key=lambda row: row["ndcg@10"])["weights"]}
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if output and is_main:
         output = Path(output)

@@ -24,6 +24,10 @@ class FeatureCache:
         self.features: dict[bytes, torch.Tensor] = {}
         self.hits = self.misses = 0
 
+    def clear(self) -> None:
+        self.features.clear()
+        self.stored_bytes = 0
+
     @staticmethod
     def key(crop: torch.Tensor) -> bytes:
         data = crop.detach().to("cpu", copy=False).contiguous()

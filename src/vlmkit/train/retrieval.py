@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from vlmkit.config import RetrievalConfig, RetrieverRunConfig, load_retriever_config
+from vlmkit.config import LearningRates, RetrievalConfig, RetrieverRunConfig, load_retriever_config
 from vlmkit.data.page_store import PageStore
 from vlmkit.data.pairs import PairBatches, check_ids, read_pairs
 from vlmkit.errors import ConfigError
@@ -32,7 +32,7 @@ from vlmkit.model.retriever import (
 from vlmkit.processing.processor import VLMProcessor
 from vlmkit.train import stage
 from vlmkit.train.contrastive import RetrieverTrainer
-from vlmkit.train.trainer import SUMMARY_FILE, apply_learning_rates, training_arguments
+from vlmkit.train.trainer import SUMMARY_FILE, apply_learning_rates, cache_frozen_vision, training_arguments
 
 CONFIG_FILE = "vlmkit_retriever.yaml"
 
@@ -101,6 +101,16 @@ def make_trainer(cfg: RetrieverRunConfig, model: VLMRetriever, processor: VLMPro
     )
 
 
+def freeze_by_learning_rate(cfg: RetrieverRunConfig, model: VLMRetriever, random_modules: frozenset[str],
+                            log=print) -> LearningRates:
+    """Freeze the modules whose learning rate is 0 and cache a frozen encoder's features; returns the rates."""
+    rates = cfg.train.learning_rates(random_modules)
+    trainable = apply_learning_rates(model, rates)
+    log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
+    cache_frozen_vision(model.vlm, trainable, cfg.train.vision_feature_cache_gb, log)
+    return rates
+
+
 def run(cfg: RetrieverRunConfig, log=print) -> Path:
     """Train a retriever as configured; returns the directory of the saved model."""
     if not cfg.data.train or not cfg.data.docs:
@@ -116,10 +126,7 @@ def run(cfg: RetrieverRunConfig, log=print) -> Path:
     # Resuming reuses the checkpoint's tokenizer, so the vocabulary cannot change under the weights.
     tokenizer = AutoTokenizer.from_pretrained(checkpoint) if checkpoint and not cfg.model.lm else None
     model, processor, random_modules = build_retriever(cfg, lambda: [p.query for p in pairs], tokenizer)
-    rates = cfg.train.learning_rates(random_modules)
-    trainable = apply_learning_rates(model, rates)
-    log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
-
+    rates = freeze_by_learning_rate(cfg, model, random_modules, log)
     trainer = make_trainer(cfg, model, processor, pairs, store, rates)
     result, seconds = stage.fit(trainer, checkpoint, log, cfg.train.peak_flops)
     summary = {"n_params": sum(p.numel() for p in model.parameters()), "n_pairs": len(pairs),

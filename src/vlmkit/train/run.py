@@ -17,11 +17,10 @@ from vlmkit.data.records import read_record_files
 from vlmkit.processing.markers import IMAGE_MARKER, VIDEO_MARKER
 from vlmkit.errors import ConfigError
 from vlmkit.model.build import build
-from vlmkit.model.feature_cache import FeatureCache
 from vlmkit.model import projector_scale
 from vlmkit.processing.image_processing import concat_image_inputs
 from vlmkit.train import lora, stage
-from vlmkit.train.trainer import VLMTrainer, apply_learning_rates, training_arguments
+from vlmkit.train.trainer import VLMTrainer, apply_learning_rates, cache_frozen_vision, training_arguments
 
 CALIBRATION_RECORDS = 16  # the first records with images: enough for a mean norm, seconds of encoding
 
@@ -58,9 +57,8 @@ def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
         model = lora.wrap(model, processor, cfg.lora, cfg.model, Path(cfg.train.output_dir))
     trainable = apply_learning_rates(model, rates)
     log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
-    if not trainable["vision"] and cfg.train.vision_feature_cache_gb > 0:
-        vlm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        vlm.feature_cache = FeatureCache(int(cfg.train.vision_feature_cache_gb * 2**30))
+    cache_frozen_vision(model.get_base_model() if hasattr(model, "get_base_model") else model, trainable,
+                        cfg.train.vision_feature_cache_gb, log)
     return model, processor, rates
 
 

@@ -26,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlmkit.config import LearningRates, RunConfig
 from vlmkit.errors import ConfigError
+from vlmkit.model.feature_cache import FeatureCache
 from vlmkit.train import distributed, mfu, muon, precision
 from vlmkit.train.time_budget import TimeBudget, TimeBudgetCallback
 
@@ -109,6 +110,18 @@ def apply_learning_rates(model: nn.Module, rates: LearningRates) -> dict[str, in
     if not any(counts.values()):
         raise ConfigError(f"every module is frozen (learning rates {lrs}); nothing would train")
     return counts
+
+
+def cache_frozen_vision(vlm, trainable: dict[str, int], max_gb: float, log=print) -> None:
+    """While the vision encoder is frozen, compute each image's features once (model/feature_cache.py).
+
+    The saving is per step as well as per epoch: GradCache runs every forward twice, and the
+    replay then takes the page features from the cache.
+    """
+    if not trainable["vision"] and max_gb > 0:
+        vlm.feature_cache = FeatureCache(int(max_gb * 2**30))
+        log(f"vision encoder frozen: its features of each image are computed once and cached (up to {max_gb:g} GB, "
+            "train.vision_feature_cache_gb)")
 
 
 def delay_lm(scheduler: LambdaLR, start: int, warmup: int) -> None:
