@@ -122,7 +122,7 @@ class TrainConfig:
     packing: bool = False  # samples end to end in fewer rows, attention confined to each sample
     packing_length: int = 0  # tokens per packed row; 0: the batch's longest sample
     # While the vision encoder is frozen, its features of each image are computed once and reused
-    # (model/feature_cache.py), up to this much memory; 0 turns the cache off.
+    # (model/feature_cache.py), up to this much CPU memory; 0 turns the cache off. Not with FSDP or ZeRO-3.
     vision_feature_cache_gb: float = 4.0
     # "word_norm": a new projector between pretrained parts starts with image tokens of the LM's
     # word-embedding norm, measured on the first training images (model/projector_scale.py); "none".

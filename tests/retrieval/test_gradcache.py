@@ -20,6 +20,7 @@ from vlmkit.train import gradcache
 from vlmkit.train.contrastive import info_nce, model_inputs
 from vlmkit.train.gradcache import grad_cache_step, split_batch
 from vlmkit.train.retrieval import PageBatchCollator
+from vlmkit.config import TrainConfig
 from vlmkit.train.trainer import cache_frozen_vision
 
 TEMPERATURE = 0.05
@@ -117,7 +118,7 @@ def test_a_frozen_encoder_runs_once_per_page_and_gradcache_stays_exact(docs_dir,
     state = torch.get_rng_state()
     ref_loss, ref = _chunked_reference(model, batch, 4)
     torch.set_rng_state(state)
-    cache_frozen_vision(model.vlm, {"vision": 0}, max_gb=1.0)
+    cache_frozen_vision(model.vlm, {"vision": 0}, TrainConfig(vision_feature_cache_gb=1.0), log=lambda _: None)
     encoded = []
     forward = model.vlm.vision_tower.forward
     monkeypatch.setattr(model.vlm.vision_tower, "forward",

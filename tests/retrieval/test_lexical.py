@@ -62,6 +62,8 @@ def test_reciprocal_rank_fusion_adds_weighted_inverse_ranks():
     assert fused["c"] == pytest.approx(1 / (RRF_K + 3) + 2 / (RRF_K + 1))
     assert fused["b"] == pytest.approx(1 / (RRF_K + 2))
     assert [doc for doc, _ in reciprocal_rank_fusion([["a", "b", "c"], ["c", "a"]], [1.0, 2.0])] == ["c", "a", "b"]
+    # A ranking weighted 0 is left out: its pages are not listed after the others.
+    assert reciprocal_rank_fusion([["a", "b"], ["c"]], [0.0, 1.0]) == [("c", 1 / (RRF_K + 1))]
     # Equal scores keep the order in which pages were first met.
     assert [d for d, _ in reciprocal_rank_fusion([["x", "y"], ["y", "x"]], [1.0, 1.0])] == ["x", "y"]
 

@@ -55,6 +55,8 @@ def reciprocal_rank_fusion(rankings: list[list[str]], weights: list[float], k: i
     fusion would bring numba (a JIT compiler) for them."""
     scores: dict[str, float] = defaultdict(float)
     for ranking, weight in zip(rankings, weights, strict=True):
+        if weight == 0:
+            continue  # a ranking weighted 0 is left out, not listed after the others at score 0
         for rank, doc_id in enumerate(ranking, 1):
             scores[doc_id] += weight / (k + rank)
     return sorted(scores.items(), key=lambda item: -item[1])  # sorted() is stable

@@ -6,7 +6,9 @@ a third of a step. The cache keys each crop by a digest of its pixel values -- e
 the same pixels give the same features -- so it needs no image ids and stays right under
 any data order, slicing or augmentation (an augmented crop is simply a new key).
 
-Memory is bounded: past `max_bytes` new features are computed as usual but not stored.
+Memory is bounded: past `max_bytes` new features are computed as usual but not stored. The
+stored features live in CPU memory, whatever the encoder's device: accelerator memory is the
+scarcer, and copying a crop's features back costs far less than encoding it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ class FeatureCache:
     @staticmethod
     def key(crop: torch.Tensor) -> bytes:
         data = crop.detach().to("cpu", copy=False).contiguous()
-        return hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+        digest = hashlib.blake2b(f"{tuple(data.shape)} {data.dtype}".encode(), digest_size=16)  # same bytes, other shape
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+        return digest.digest()
 
     def encode(self, encode: Callable[[torch.Tensor], torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor:
         """`encode(pixel_values)`, running the encoder only on the crops not seen before."""
@@ -46,6 +50,8 @@ class FeatureCache:
             for i, features in zip(missing, computed):
                 fresh[keys[i]] = features
                 if self.stored_bytes + features.nbytes <= self.max_bytes:
-                    self.features[keys[i]] = features
+                    # A copy: a view would keep the whole batch's features alive.
+                    self.features[keys[i]] = features.to("cpu", copy=True)
                     self.stored_bytes += features.nbytes
-        return torch.stack([fresh[key] if key in fresh else self.features[key] for key in keys])
+        device = pixel_values.device
+        return torch.stack([fresh[key] if key in fresh else self.features[key].to(device) for key in keys])

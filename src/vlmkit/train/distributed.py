@@ -50,6 +50,17 @@ def _value(config: dict, dotted: str):
     return node
 
 
+def shards_parameters(t: TrainConfig) -> bool:
+    """Whether FSDP or DeepSpeed ZeRO-3 shards the parameters. Then each forward of a module gathers
+    its shards from every rank, so no rank may skip a module that another runs."""
+    if t.fsdp:
+        return True
+    if not t.deepspeed:
+        return False
+    ds = json.loads(Path(shipped_config(t.deepspeed, ".json")).read_text())
+    return _value(ds, "zero_optimization.stage") == 3
+
+
 def deepspeed_mismatches(ds: dict, t: TrainConfig, world_size: int) -> list[str]:
     """Fields of a DeepSpeed config that contradict the run's settings ("auto" always agrees)."""
     expected = {

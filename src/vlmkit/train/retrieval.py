@@ -107,7 +107,7 @@ def freeze_by_learning_rate(cfg: RetrieverRunConfig, model: VLMRetriever, random
     rates = cfg.train.learning_rates(random_modules)
     trainable = apply_learning_rates(model, rates)
     log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
-    cache_frozen_vision(model.vlm, trainable, cfg.train.vision_feature_cache_gb, log)
+    cache_frozen_vision(model.vlm, trainable, cfg.train, log)
     return rates
 
 

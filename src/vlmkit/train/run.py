@@ -58,7 +58,7 @@ def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
     trainable = apply_learning_rates(model, rates)
     log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
     cache_frozen_vision(model.get_base_model() if hasattr(model, "get_base_model") else model, trainable,
-                        cfg.train.vision_feature_cache_gb, log)
+                        cfg.train, log)
     return model, processor, rates
 
 

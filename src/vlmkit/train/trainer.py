@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from vlmkit.config import LearningRates, RunConfig
+from vlmkit.config import LearningRates, RunConfig, TrainConfig
 from vlmkit.errors import ConfigError
 from vlmkit.model.feature_cache import FeatureCache
 from vlmkit.train import distributed, mfu, muon, precision
@@ -112,16 +112,21 @@ def apply_learning_rates(model: nn.Module, rates: LearningRates) -> dict[str, in
     return counts
 
 
-def cache_frozen_vision(vlm, trainable: dict[str, int], max_gb: float, log=print) -> None:
+def cache_frozen_vision(vlm, trainable: dict[str, int], t: TrainConfig, log=print) -> None:
     """While the vision encoder is frozen, compute each image's features once (model/feature_cache.py).
 
     The saving is per step as well as per epoch: GradCache runs every forward twice, and the
-    replay then takes the page features from the cache.
+    replay then takes the page features from the cache. Not with sharded parameters: a rank
+    whose images are all cached would skip the encoder's all-gathers that the others wait on.
     """
-    if not trainable["vision"] and max_gb > 0:
-        vlm.feature_cache = FeatureCache(int(max_gb * 2**30))
-        log(f"vision encoder frozen: its features of each image are computed once and cached (up to {max_gb:g} GB, "
-            "train.vision_feature_cache_gb)")
+    if trainable["vision"] or t.vision_feature_cache_gb <= 0:
+        return
+    if distributed.shards_parameters(t):
+        log("vision features are not cached: FSDP or ZeRO-3 shards the frozen encoder, and every rank must run it")
+        return
+    vlm.feature_cache = FeatureCache(int(t.vision_feature_cache_gb * 2**30))
+    log(f"vision encoder frozen: its features of each image are computed once and cached (up to "
+        f"{t.vision_feature_cache_gb:g} GB of CPU memory, train.vision_feature_cache_gb)")
 
 
 def delay_lm(scheduler: LambdaLR, start: int, warmup: int) -> None:
