@@ -32,7 +32,7 @@ from vlmkit.model.retriever import (
 from vlmkit.processing.processor import VLMProcessor
 from vlmkit.train import stage
 from vlmkit.train.contrastive import RetrieverTrainer
-from vlmkit.train.trainer import SUMMARY_FILE, apply_learning_rates, cache_frozen_vision, training_arguments
+from vlmkit.train.trainer import SUMMARY_FILE, freeze_and_cache, training_arguments
 
 CONFIG_FILE = "vlmkit_retriever.yaml"
 
@@ -105,9 +105,7 @@ def freeze_by_learning_rate(cfg: RetrieverRunConfig, model: VLMRetriever, random
                             log=print) -> LearningRates:
     """Freeze the modules whose learning rate is 0 and cache a frozen encoder's features; returns the rates."""
     rates = cfg.train.learning_rates(random_modules)
-    trainable = apply_learning_rates(model, rates)
-    log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
-    cache_frozen_vision(model.vlm, trainable, cfg.train, log)
+    freeze_and_cache(model, model.vlm, rates, cfg.train, log)
     return rates
 
 

@@ -20,7 +20,7 @@ from vlmkit.model.build import build
 from vlmkit.model import projector_scale
 from vlmkit.processing.image_processing import concat_image_inputs
 from vlmkit.train import lora, stage
-from vlmkit.train.trainer import VLMTrainer, apply_learning_rates, cache_frozen_vision, training_arguments
+from vlmkit.train.trainer import VLMTrainer, freeze_and_cache, training_arguments
 
 CALIBRATION_RECORDS = 16  # the first records with images: enough for a mean norm, seconds of encoding
 
@@ -55,10 +55,8 @@ def prepare_model(cfg: RunConfig, records, checkpoint: str | None, log=print):
     if cfg.lora.enabled:
         lora.check(cfg.lora, rates, cfg.model)
         model = lora.wrap(model, processor, cfg.lora, cfg.model, Path(cfg.train.output_dir))
-    trainable = apply_learning_rates(model, rates)
-    log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
-    cache_frozen_vision(model.get_base_model() if hasattr(model, "get_base_model") else model, trainable,
-                        cfg.train, log)
+    freeze_and_cache(model, model.get_base_model() if hasattr(model, "get_base_model") else model, rates,
+                     cfg.train, log)
     return model, processor, rates
 
 

@@ -112,6 +112,15 @@ def apply_learning_rates(model: nn.Module, rates: LearningRates) -> dict[str, in
     return counts
 
 
+def freeze_and_cache(model: nn.Module, vlm, rates: LearningRates, t: TrainConfig, log=print) -> dict[str, int]:
+    """`apply_learning_rates`, logged, then the feature cache of a frozen encoder (`vlm`: the model
+    whose `feature_cache` is read, e.g. under a PEFT or retriever wrapper); returns the trainable counts."""
+    trainable = apply_learning_rates(model, rates)
+    log(f"learning rates {vars(rates)}; trainable parameters {trainable}")
+    cache_frozen_vision(vlm, trainable, t, log)
+    return trainable
+
+
 def cache_frozen_vision(vlm, trainable: dict[str, int], t: TrainConfig, log=print) -> None:
     """While the vision encoder is frozen, compute each image's features once (model/feature_cache.py).
 
