@@ -121,7 +121,8 @@ def test_other_exportable_architectures_give_the_same_logits(tokenizer, tmp_path
     ({"projector_args": {"pos_embed": True}}, "position embeddings"),
     ({"projector_args": {"layernorm": True}}, "LayerNorm"),
     ({"projector_args": {"hidden_size": 48}}, "hidden size 48 differs"),
-], ids=["cnn-tower", "pos-embed", "layernorm", "mlp-width"])
+    ({"projector_args": {"pool": 2}}, "averages 2x2 blocks"),
+], ids=["cnn-tower", "pos-embed", "layernorm", "mlp-width", "pooled"])
 def test_unexportable_architectures_are_refused_clearly(tokenizer, tmp_path, overrides, reason):
     model, processor = built(tokenizer, **overrides)
     with pytest.raises(ConfigError, match=f"cannot export: .*{reason}"):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from vlmkit.errors import ConfigError, ImageTokenMismatchError
 from vlmkit.model.projectors import PROJECTORS, GridPositions, projector_class
+from vlmkit.model.projectors.linear import average_pool
 from vlmkit.model.projectors.pixel_shuffle import pixel_shuffle
 from vlmkit.model.tokens import grid_multiple, image_token_spec, num_image_tokens
 
@@ -20,6 +21,8 @@ ARGS = {"resampler": {"num_queries": 5}, "qformer": {"num_queries": 6}, "pixel_s
         "linear": {}, "layernorm_mlp": {}}
 VARIANTS = [(name, ARGS.get(name, {})) for name in PROJECTORS] + [
     ("mlp", {"pos_embed": True}),  # learned positions, resized for grids other than the config's
+    ("mlp", {"pool": 2, "pos_embed": True}),  # positions on the pooled grid
+    ("linear", {"pool": 3}),
     ("pixel_shuffle", {"factor": 3, "hidden_size": 12}),
     ("qformer", {"hidden_size": 24, "heads": 2, "depth": 1, "cross_attention_frequency": 1}),
 ]
@@ -123,15 +126,38 @@ def test_pixel_shuffle_equals_an_explicit_loop():
 def test_pixel_shuffle_rejects_a_grid_its_factor_does_not_divide():
     cls = projector_class("pixel_shuffle")
     assert cls.output_tokens((6, 4), 1, {}) == 6 and cls.grid_multiple({"factor": 3}) == 3
-    with pytest.raises(ConfigError, match="factor 2, but got a 5x4 grid"):
+    with pytest.raises(ConfigError, match="factor 2 needs a patch grid divisible by it, but got a 5x4 grid"):
         cls.output_tokens((5, 4), 0, {})
-    with pytest.raises(ConfigError, match="factor 3, but got a 6x4 grid"):
+    with pytest.raises(ConfigError, match="factor 3 needs a patch grid divisible by it, but got a 6x4 grid"):
         cls(VISION_DIM, TEXT_DIM, {"factor": 3}, (6, 4), 0)
     projector = cls(VISION_DIM, TEXT_DIM, {}, (4, 4), 0)
     with pytest.raises(ConfigError, match="3x4 grid"):
         projector(_features([(4, 4), (3, 4)], 0), [(4, 4), (3, 4)])
     with pytest.raises(ConfigError, match="factor must be a positive integer"):
         cls.grid_multiple({"factor": 0})
+
+
+def test_pooling_averages_each_block_and_keeps_the_prefix():
+    for (h, w), f in [((4, 6), 2), ((6, 3), 3), ((2, 2), 1)]:
+        patches = torch.randn(2, h * w, 3)
+        grid = patches.reshape(2, h, w, 3)
+        expected = torch.stack([
+            torch.stack([grid[c, i * f : (i + 1) * f, j * f : (j + 1) * f].mean(dim=(0, 1))
+                         for i in range(h // f) for j in range(w // f)])
+            for c in range(2)
+        ])
+        torch.testing.assert_close(average_pool(patches, (h, w), f), expected)
+    projector = projector_class("linear")(VISION_DIM, TEXT_DIM, {"pool": 2}, (4, 4), 1).eval()
+    features = _features([(4, 4)], 1)
+    pooled = torch.cat([features[:, :1], average_pool(features[:, 1:], (4, 4), 2)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(projector(features, (4, 4)), projector.linear(pooled))
+    cls = projector_class("mlp")
+    assert cls.output_tokens((8, 4), 1, {"pool": 4}) == 3 and cls.grid_multiple({"pool": 4}) == 4
+    with pytest.raises(ConfigError, match="pool 2 needs a patch grid divisible by it, but got a 5x4 grid; .* projector_args.pool"):
+        cls(VISION_DIM, TEXT_DIM, {"pool": 2}, (5, 4), 1)
+    with pytest.raises(ConfigError, match="pool must be a positive integer"):
+        cls.output_tokens((4, 4), 1, {"pool": 0})
 
 
 def test_bad_projector_arguments_raise_config_errors():
@@ -209,7 +235,7 @@ def tokenizer(train_records):
     return build(tiny_model_config(), training_texts=lambda: _texts(train_records)).processor.tokenizer
 
 
-@pytest.mark.parametrize(("name", "args"), [("layernorm_mlp", {}), ("pixel_shuffle", {}),
+@pytest.mark.parametrize(("name", "args"), [("layernorm_mlp", {}), ("pixel_shuffle", {}), ("mlp", {"pool": 2}),
                                             ("resampler", {"num_queries": 8}), ("qformer", {"num_queries": 8})])
 def test_a_tiny_vlm_with_each_new_projector_trains_and_reloads(name, args, tokenizer, tmp_path):
     from tests.conftest import tiny_model_config

@@ -77,6 +77,9 @@ def check_exportable(model: VLMForConditionalGeneration, processor: VLMProcessor
                           "which LLaVA's projector does not have")
     if args.get("layernorm"):
         raise ConfigError("cannot export: the projector starts with a LayerNorm, which LLaVA's projector does not have")
+    if args.get("pool", 1) > 1:
+        raise ConfigError(f"cannot export: the projector averages {args['pool']}x{args['pool']} blocks of patches "
+                          "(projector_args.pool), which LLaVA does not do; export a model trained with pool 1")
     hidden = args.get("hidden_size", cfg.text_config.hidden_size)
     if cfg.projector_type == "mlp" and hidden != cfg.text_config.hidden_size:
         raise ConfigError(f"cannot export: the MLP projector's hidden size {hidden} differs from the LM's "

@@ -17,9 +17,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from vlmkit.errors import ImageTokenMismatchError
+from vlmkit.errors import ConfigError, ImageTokenMismatchError
 
 Grid = tuple[int, int]
+
+
+def factor_arg(args: dict, name: str, default: int) -> int:
+    """`projector_args[name]`, a positive integer (a pooling or folding factor)."""
+    factor = args.get(name, default)
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise ConfigError(f"projector_args.{name} must be a positive integer, not {factor!r}")
+    return factor
+
+
+def divided_grid(grid: Grid, factor: int, name: str) -> Grid:
+    """The (h/f, w/f) grid of f x f blocks; ConfigError when f does not divide both sides."""
+    if grid[0] % factor or grid[1] % factor:
+        raise ConfigError(f"projector_args.{name} {factor} needs a patch grid divisible by it, but got a "
+                          f"{grid[0]}x{grid[1]} grid; change the image size or projector_args.{name}")
+    return grid[0] // factor, grid[1] // factor
 
 
 class Projector(nn.Module):

@@ -11,23 +11,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from vlmkit.errors import ConfigError
-from vlmkit.model.projectors.base import Grid, GridPositions, Projector, crop_grids, map_crops
-
-
-def shuffle_factor(args: dict) -> int:
-    factor = args.get("factor", 2)
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-        raise ConfigError(f"projector_args.factor must be a positive integer, not {factor!r}")
-    return factor
-
-
-def shuffled_grid(grid: Grid, factor: int) -> Grid:
-    """The (h/f, w/f) grid after space-to-depth; ConfigError when f does not divide both sides."""
-    if grid[0] % factor or grid[1] % factor:
-        raise ConfigError(f"the pixel_shuffle projector needs a patch grid divisible by its factor {factor}, but "
-                          f"got a {grid[0]}x{grid[1]} grid; change the image size or projector_args.factor")
-    return grid[0] // factor, grid[1] // factor
+from vlmkit.model.projectors.base import Grid, GridPositions, Projector, crop_grids, divided_grid, factor_arg, map_crops
 
 
 def pixel_shuffle(patches: torch.Tensor, grid: Grid, factor: int) -> torch.Tensor:
@@ -53,7 +37,7 @@ class PixelShuffleProjector(Projector):
 
     def __init__(self, vision_dim: int, text_dim: int, args: dict, grid: Grid, prefix: int):
         super().__init__()
-        self.prefix, self.factor = prefix, shuffle_factor(args)
+        self.prefix, self.factor = prefix, factor_arg(args, "factor", 2)
         wide = vision_dim * self.factor**2
         if "hidden_size" in args:
             hidden, act = args["hidden_size"], ACT2FN[args.get("act", "gelu")]
@@ -61,19 +45,19 @@ class PixelShuffleProjector(Projector):
         else:  # no bias, as in nanoVLM and Idefics3
             self.proj = nn.Linear(wide, text_dim, bias=False)
         # Positions join the folded features after the norm, as in TokenwiseProjector (and why).
-        self.norm, self.positions = GridPositions.with_norm(shuffled_grid(grid, self.factor), 0, wide, args)
+        self.norm, self.positions = GridPositions.with_norm(divided_grid(grid, self.factor, "factor"), 0, wide, args)
 
     @staticmethod
     def grid_multiple(args: dict) -> int:
-        return shuffle_factor(args)
+        return factor_arg(args, "factor", 2)
 
     @staticmethod
     def output_tokens(grid: Grid, prefix: int, args: dict) -> int:
-        h, w = shuffled_grid(grid, shuffle_factor(args))
+        h, w = divided_grid(grid, factor_arg(args, "factor", 2), "factor")
         return h * w
 
     def forward(self, features, grids):
         grids = crop_grids(grids, features, self.prefix)
-        out_grids = [shuffled_grid(grid, self.factor) for grid in grids]
+        out_grids = [divided_grid(grid, self.factor, "factor") for grid in grids]
         shuffled = map_crops(lambda p, grid: pixel_shuffle(p, grid, self.factor), features[:, self.prefix :], grids)
         return self.proj(self.positions(self.norm(shuffled), out_grids))
