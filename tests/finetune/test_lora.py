@@ -4,7 +4,7 @@ bad settings fail before training."""
 import pytest
 import torch
 
-from tests.finetune.helpers import make_config, run
+from tests.finetune.helpers import make_config, run, run_module
 from vlmkit.data.dataset import Collator, ConversationDataset
 from vlmkit.errors import ConfigError
 from vlmkit.model.modeling import VLMForConditionalGeneration
@@ -94,3 +94,74 @@ def test_bad_lora_settings_fail_before_training(synth_dir, tmp_path, trainers, o
     with pytest.raises(ConfigError, match=message):
         run(make_config(synth_dir / "train.jsonl", tmp_path / "run", LORA + overrides))
     assert trainers == []  # no trainer was built, so no step ran
+
+
+def test_adapters_idle_until_the_lm_starts_then_train(synth_dir, tmp_path, monkeypatch):
+    # Fresh adapters change nothing while their rate is 0, so they are switched off for those steps:
+    # the first steps' losses equal a run that keeps them on, lora_B stays 0 until the LM starts,
+    # and afterwards every adapter trains and the model leaves with its adapters on.
+    from vlmkit.train import trainer as trainer_module
+
+    def losses_and_states(keep_on: bool):
+        seen, states = [], []
+
+        class Watching(trainer_module.VLMTrainer):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                seen.append(self)
+
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                out = super().training_step(model, inputs, num_items_in_batch)
+                layers = trainer_module.lm_lora_layers(model)
+                states.append(([layer.disable_adapters for layer in layers][0],
+                               max(float(p.detach().abs().max()) for n, p in model.named_parameters() if "lora_B" in n)))
+                return out
+
+        with monkeypatch.context() as patch:
+            patch.setattr(run_module, "VLMTrainer", Watching)
+            if keep_on:
+                patch.setattr(trainer_module, "idle_adapters", lambda model, idle: False)
+            run(make_config(synth_dir / "train.jsonl", tmp_path / f"run-{keep_on}",
+                            ["lora.enabled=true", "lora.save=adapter", "train.max_steps=6", "train.lm_start=0.5",
+                             "train.max_grad_norm=0",  # (idle adapters' gradients would count in the clipped norm)
+                             "train.lr.lm=1e-2", "train.lr.projector=1e-2"]))
+        (trainer,) = seen
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return losses, states, trainer
+
+    idle_losses, idle_states, trainer = losses_and_states(keep_on=False)
+    on_losses, on_states, _ = losses_and_states(keep_on=True)
+    assert [off for off, _ in idle_states] == [True] * 3 + [False] * 3
+    assert [off for off, _ in on_states] == [False] * 6
+    # (seen after each backward pass, before that step's update)
+    assert all(b == 0 for _, b in idle_states[:4]) and all(b > 0 for _, b in idle_states[4:])
+    assert idle_losses[:4] == on_losses[:4]  # the 4th step is the first with the LM learning: B was still 0
+    assert not any(layer.disable_adapters for layer in trainer_module.lm_lora_layers(trainer.model))
+
+
+def test_vision_adapters_train_while_the_lm_waits(synth_dir, tmp_path, trainers):
+    from peft.tuners.lora import LoraLayer
+
+    from vlmkit.train.trainer import lm_lora_layers
+
+    run(make_config(synth_dir / "train.jsonl", tmp_path / "run",
+                    ["lora.enabled=true", "lora.vision=true", "lora.save=adapter", "train.max_steps=4",
+                     "train.lm_start=0.75", "train.lr.lm=1e-2", "train.lr.vision=1e-2", "train.lr.projector=1e-2"]))
+    (trainer,) = trainers
+    after = trainer.model.state_dict()
+    moved = {module_of(k) for k in after if "lora_B" in k and not torch.equal(after[k], trainer.initial_state[k])}
+    assert moved == {"vision", "lm"}  # the LM's from step 3 on, the vision encoder's from the first
+    vision = [m for n, m in trainer.model.named_modules() if isinstance(m, LoraLayer) and module_of(n) == "vision"]
+    assert vision and not set(map(id, vision)) & set(map(id, lm_lora_layers(trainer.model)))
+
+
+def test_adapters_stay_on_while_the_lm_waits_when_nothing_else_trains(synth_dir, tmp_path, trainers):
+    # With the projector frozen, idle adapters would leave the backward pass nothing to compute.
+    from vlmkit.train.trainer import lm_lora_layers
+
+    run(make_config(synth_dir / "train.jsonl", tmp_path / "run",
+                    ["lora.enabled=true", "lora.modules_to_save=[]", "lora.save=adapter", "train.max_steps=2",
+                     "train.lm_start=0.5", "train.lr.lm=1e-2", "train.lr.projector=0"]))
+    (trainer,) = trainers
+    assert not trainer._adapters_idle and not trainer._adapters_may_idle
+    assert not any(layer.disable_adapters for layer in lm_lora_layers(trainer.model))

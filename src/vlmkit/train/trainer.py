@@ -155,26 +155,32 @@ def delay_lm(scheduler: LambdaLR, start: int, warmup: int) -> None:
             group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[index](scheduler.last_epoch)
 
 
-def lora_layers(model: nn.Module) -> list[nn.Module]:
-    """The PEFT LoRA layers in `model` (not the full copies of `modules_to_save`)."""
+def lm_lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The PEFT LoRA layers on `model`'s LM (not the vision encoder's, nor `modules_to_save` copies)."""
     from peft.tuners.lora import LoraLayer
 
-    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+    return [module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and module_of(name) == "lm"]
 
 
 def idle_adapters(model: nn.Module, idle: bool) -> bool:
-    """Switch `model`'s LoRA adapters off (`idle`) or on; returns whether any were switched.
+    """Switch the LoRA adapters on `model`'s LM off (`idle`) or on; returns whether it did.
 
     While the LM's learning rate is 0 (`train.lm_start`), fresh adapters keep their zero update
     (lora_B = 0): running them changes no output and costs time, about a tenth of a step of the
     default recipe on a CPU (1,260 small matmuls a step at r 16 on SmolLM2). Switched off, they
     get no gradient, which AdamW skips and gradient clipping no longer counts (on, their unused
     gradients shrank the projector's clipped step); switched on, they start with fresh moments.
-    Adapters whose B is not zero (loaded ones) do change the output, so they stay on.
+    Left on: adapters whose B is not zero (loaded ones: they change the output), and a model with
+    nothing else to train (the backward pass would have no gradient to compute).
     """
-    layers = lora_layers(model)
-    if idle and any(p.any() for layer in layers for name, p in layer.named_parameters() if "lora_B" in name):
-        return False
+    layers = lm_lora_layers(model)
+    if idle:
+        adapters = {id(p) for layer in layers for p in layer.parameters() if p.requires_grad}
+        others = any(p.requires_grad and id(p) not in adapters for p in model.parameters())
+        loaded = any(p.any() for layer in layers for name, p in layer.named_parameters() if "lora_B" in name)
+        if not layers or not others or loaded:
+            return False
     for layer in layers:
         layer.enable_adapters(not idle)
     return bool(layers)
@@ -191,6 +197,7 @@ class VLMTrainer(Trainer):
         self.optimizer_name = optimizer_name
         self.lm_start_step = 0  # the first step at which the LM learns (set with the schedule)
         self._adapters_idle = False  # LoRA adapters switched off until lm_start_step (idle_adapters)
+        self._adapters_may_idle = True
         self._staging_dir = None  # set while a checkpoint is being written
         super().__init__(*args, **kwargs)
         self.time_budget = None
@@ -206,11 +213,15 @@ class VLMTrainer(Trainer):
                 self._adapters_idle = not idle_adapters(self.model, False)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # Before lm_start_step, fresh adapters only cost time (idle_adapters). One process only:
-        # DDP, FSDP and DeepSpeed expect the same parameters to get gradients on every step.
-        idle = self.state.global_step < self.lm_start_step and self.args.world_size == 1
+        # Before lm_start_step, fresh adapters only cost time (idle_adapters). Not under DDP, FSDP
+        # or DeepSpeed, even in one process: they expect the same parameters to get gradients on
+        # every step, and ZeRO-3's parameters are empty outside a gather.
+        idle = (self.state.global_step < self.lm_start_step and self._adapters_may_idle and self.args.world_size == 1
+                and not self.is_deepspeed_enabled and not self.is_fsdp_enabled)
         if idle != self._adapters_idle:
-            self._adapters_idle = idle_adapters(model, idle) and idle
+            switched = idle_adapters(model, idle)
+            self._adapters_idle = idle and switched
+            self._adapters_may_idle = switched or not idle  # asked once: the answer does not change mid-delay
         return super().training_step(model, inputs, num_items_in_batch)
 
     def floating_point_ops(self, inputs: dict) -> int:

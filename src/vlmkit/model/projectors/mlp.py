@@ -13,7 +13,7 @@ class MLPProjector(TokenwiseProjector):
     """Two linear layers with an activation between them (LLaVA-1.5, Basic-Visual-Language-Model).
 
     Args: `hidden_size` (default: the LM's width), `act` (default "gelu"), and the shared
-    `layernorm` and `pos_embed` (`TokenwiseProjector`).
+    `layernorm`, `pos_embed` and `pool` (`TokenwiseProjector`).
     """
 
     ARGS = TokenwiseProjector.ARGS | {"hidden_size", "act"}
