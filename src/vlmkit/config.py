@@ -128,7 +128,8 @@ class TrainConfig:
     # word-embedding norm, measured on the first training images (model/projector_scale.py); "none".
     projector_init: str = "word_norm"
     # The share of the steps before the LM (or its adapters) starts to learn, the projector
-    # learning alone against the frozen LM until then (LLaVA's two stages in one run).
+    # learning alone against the frozen LM until then (LLaVA's two stages in one run); the LM's
+    # LoRA adapters are switched off until then (train/trainer.py: idle_adapters). Not with time_budget.
     lm_start: float = 0.0
     torch_compile: bool = False
     peak_flops: float = 0.0  # the device's FLOP/s for the MFU shown while training; 0: a matmul timed at the start

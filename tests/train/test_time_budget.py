@@ -60,3 +60,5 @@ def test_time_budget_refuses_what_it_cannot_do(synth_dir, tmp_path):
         run(make_config(synth_dir, tmp_path / "b", max_steps=5, time_budget=5.0, warmup=10), log=quiet)
     with pytest.raises(ConfigError, match="scheduler 'linear' would be ignored"):
         run(make_config(synth_dir, tmp_path / "c", max_steps=5, time_budget=5.0, scheduler="linear"), log=quiet)
+    with pytest.raises(ConfigError, match=r"train.lm_start \(0.5\) is a share of the steps"):
+        run(make_config(synth_dir, tmp_path / "d", max_steps=5, time_budget=5.0, lm_start=0.5), log=quiet)

@@ -35,6 +35,9 @@ def check(t: TrainConfig) -> None:
     if t.warmup >= 1:
         raise ConfigError(f"train.time_budget takes train.warmup as a ratio of the budget (below 1), "
                           f"not {t.warmup} steps")
+    if t.lm_start:
+        raise ConfigError(f"train.lm_start ({t.lm_start}) is a share of the steps, which a time budget does not "
+                          "know in advance: set train.lm_start=0, or train with train.max_steps or epochs")
 
 
 class TimeBudget:
