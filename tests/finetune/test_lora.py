@@ -112,9 +112,9 @@ def test_adapters_idle_until_the_lm_starts_then_train(synth_dir, tmp_path, monke
 
             def training_step(self, model, inputs, num_items_in_batch=None):
                 out = super().training_step(model, inputs, num_items_in_batch)
-                layers = trainer_module.lm_lora_layers(model)
-                states.append(([layer.disable_adapters for layer in layers][0],
-                               max(float(p.detach().abs().max()) for n, p in model.named_parameters() if "lora_B" in n)))
+                first = trainer_module.lm_lora_layers(model)[0]
+                b_max = max(float(p.detach().abs().max()) for n, p in model.named_parameters() if "lora_B" in n)
+                states.append((first.disable_adapters, b_max))
                 return out
 
         with monkeypatch.context() as patch:

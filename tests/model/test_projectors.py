@@ -154,7 +154,7 @@ def test_pooling_averages_each_block_and_keeps_the_prefix():
         torch.testing.assert_close(projector(features, (4, 4)), projector.linear(pooled))
     cls = projector_class("mlp")
     assert cls.output_tokens((8, 4), 1, {"pool": 4}) == 3 and cls.grid_multiple({"pool": 4}) == 4
-    with pytest.raises(ConfigError, match="pool 2 needs a patch grid divisible by it, but got a 5x4 grid; .* projector_args.pool"):
+    with pytest.raises(ConfigError, match="pool 2 needs a patch grid divisible by it, but got a 5x4 grid; .*args.pool"):
         cls(VISION_DIM, TEXT_DIM, {"pool": 2}, (5, 4), 1)
     with pytest.raises(ConfigError, match="pool must be a positive integer"):
         cls.output_tokens((4, 4), 1, {"pool": 0})

@@ -45,8 +45,8 @@ class TokenwiseProjector(Projector):
     def __init__(self, grid: Grid, prefix: int, vision_dim: int, args: dict):
         super().__init__()
         self.prefix, self.pool = prefix, factor_arg(args, "pool", 1)
-        self.norm, self.positions = GridPositions.with_norm(divided_grid(grid, self.pool, "pool"), prefix, vision_dim, args,
-                                                            self.layernorm_default)
+        pooled = divided_grid(grid, self.pool, "pool")
+        self.norm, self.positions = GridPositions.with_norm(pooled, prefix, vision_dim, args, self.layernorm_default)
 
     @staticmethod
     def grid_multiple(args: dict) -> int:
