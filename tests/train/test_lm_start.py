@@ -29,4 +29,3 @@ def test_the_lm_waits_then_warms_up_into_the_shared_schedule():
         assert delayed[name][:8] == [0.0] * 8
         assert 0 < delayed[name][8] < delayed[name][9] == plain[name][9]  # two warmup steps, then the schedule
         assert delayed[name][10:] == plain[name][10:]
-
