@@ -4,9 +4,9 @@
    and write the built-in data (`vlmkit data synth`), unless they are already there;
 2. align: the projector alone learns to map DINOv2's features into SmolLM2 on the captions,
    both pretrained parts frozen (`configs/demo-align.yaml`, LLaVA's first stage);
-3. SFT: LoRA adapters on the LM and the projector learn to answer the questions
-   (`configs/demo-sft.yaml`). Both stages run a fixed number of steps in float32, so a run
-   gives the same model on a fast host and a slow one;
+3. SFT: the projector, then LoRA adapters on the LM with it (`train.lm_start`), learn to answer
+   the questions (`configs/demo-sft.yaml`). Both stages run a fixed number of steps in float32,
+   so a run gives the same model on a fast host and a slow one;
 4. evaluate per category on the test split, the compositional split and, blind, on the test
    split with blank images;
 5. check the language: perplexity of the trained model and of the base LM on held-out text,
