@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from vlmkit.cli_retrieval import add_commands as add_retrieval_commands
-from vlmkit.cli_retrieval import add_search_mode
+from vlmkit.cli_retrieval import add_search_mode, page_search
 from vlmkit.cli_retrieval import add_synth_docs_command
 from vlmkit.errors import VlmkitError
 
@@ -144,7 +144,7 @@ def _chat(args) -> None:
 def _web(args) -> None:
     from vlmkit.errors import ConfigError
     from vlmkit.eval.retrieval import load_retriever
-    from vlmkit.serve.page_search import PageSearch, is_retriever
+    from vlmkit.serve.page_search import is_retriever
     from vlmkit.serve.web import launch, read_logins
 
     logins = read_logins(args.auth_file) if args.auth_file else None  # before the minutes of loading a model
@@ -160,7 +160,7 @@ def _web(args) -> None:
         raise ConfigError("the Retrieval tab needs --docs, the page store to search")
     if not retriever and (args.docs or args.index):
         raise ConfigError("--docs and --index need a retriever: --model RETRIEVER or --retriever DIR")
-    search = PageSearch(*retriever, args.docs, args.index, args.mode, tuple(args.weights)) if retriever else None
+    search = page_search(args, *retriever) if retriever else None
     launch(Path(args.model).resolve().name, *chat, search=search, host=args.host, port=args.port, logins=logins)
 
 

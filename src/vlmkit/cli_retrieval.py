@@ -72,14 +72,13 @@ def _docs_mine_negatives(args) -> None:
     from vlmkit.data.page_store import PageStore
     from vlmkit.errors import ConfigError
     from vlmkit.eval.retrieval import load_retriever
-    from vlmkit.serve.page_search import PageSearch
 
     if args.mode != "lexical" and not args.model:
         raise ConfigError(f"--mode {args.mode} mines with a retriever: give --model (or --mode lexical, BM25)")
     pairs = read_pairs(args.pairs)
     check_ids(pairs, PageStore(args.docs).index.keys(), args.pairs, args.docs)
     model, processor = load_retriever(args.model) if args.model else (None, None)
-    search = PageSearch(model, processor, args.docs, args.index, args.mode, tuple(args.weights))
+    search = page_search(args, model, processor)
     if search.mode == "lexical" and not len(search.lexical):
         raise ConfigError(f"no page of {args.docs} has a text layer for BM25; mine with a retriever "
                           "(--model DIR --mode dense)")
@@ -136,15 +135,12 @@ def _retriever_search(args) -> None:
     if not args.query.strip():
         raise ConfigError("the query is empty")
     if args.mode != "dense":  # BM25 reads the store's text layers
-        from vlmkit.serve.page_search import PageSearch
-
         if not args.docs:
             raise ConfigError(f"--mode {args.mode} searches the text layers of a page store: give --docs")
         if args.mode == "hybrid" and not args.model:
             raise ConfigError("--mode hybrid needs --model, the retriever")
         model, processor = load_retriever(args.model) if args.model else (None, None)
-        ranked = PageSearch(model, processor, args.docs, args.index, args.mode, tuple(args.weights)).ranked(
-            args.query, args.k)
+        ranked = page_search(args, model, processor).ranked(args.query, args.k)
         for rank, (doc_id, score) in enumerate(ranked, 1):
             print(f"{rank:3d}  {score:.4f}  {doc_id}")
         return
@@ -185,7 +181,7 @@ def _retriever_eval(args) -> None:
     output = args.output or (str(Path(args.model) / name) if args.model else None)
     metrics = evaluate(args.model, args.docs, args.queries, args.qrels, output, batch_size=args.batch_size,
                        index=args.index, mode=args.mode, weights=tuple(args.weights), pool_factor=args.pool_factor,
-                       sweep=args.sweep_weights)
+                       sweep=args.sweep_weights, fusion=args.fusion)
     print(json.dumps(metrics, indent=2))
 
 
@@ -201,11 +197,21 @@ def add_synth_docs_command(group: argparse._SubParsersAction, name: str) -> None
     dsynth.set_defaults(func=_docs_synth)
 
 
+def page_search(args, model, processor):
+    """The page search that --docs, --index, --mode, --fusion and --weights ask for."""
+    from vlmkit.serve.page_search import PageSearch
+
+    return PageSearch(model, processor, args.docs, args.index, args.mode, tuple(args.weights), args.fusion)
+
+
 def add_search_mode(parser: argparse.ArgumentParser, default: str) -> None:
-    """--mode and --weights: dense, lexical (BM25 over the pages' text layers) or hybrid search."""
+    """--mode, --fusion and --weights: dense, lexical (BM25 over the pages' text layers) or hybrid search."""
     parser.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default=default,
                         help=f"dense: the retriever; lexical: BM25 over the pages' text layers; hybrid: both, "
-                             f"fused by reciprocal rank (default: {default})")
+                             f"fused (default: {default})")
+    parser.add_argument("--fusion", choices=["rrf", "score"], default="rrf",
+                        help="hybrid: rrf sums weight / (60 + rank) over the two rankings; score sums each "
+                             "ranking's scores min-max normalised over its list, times its weight (default: rrf)")
     parser.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("DENSE", "LEXICAL"),
                         help="hybrid: each ranking's weight in the fusion (default: 1 1)")
 
@@ -322,9 +328,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     reval.add_argument("--index", help="use this index instead of encoding the store")
     reval.add_argument("--batch-size", type=int, default=32)
     reval.add_argument("--sweep-weights", action="store_true",
-                       help="with --mode hybrid: also score the fusion with BM25's share of the weight at 0, 0.1, "
-                            "..., 1 and report the best. Run it on queries of documents held out from training, "
-                            "not on the test queries, then search and test with that --weights")
+                       help="with --mode hybrid: also score both fusions with BM25's share of the weight at 0, "
+                            "0.1, ..., 1 and report the best. Run it on queries of documents held out from "
+                            "training, not on the test queries, then search and test with that --fusion and "
+                            "--weights")
     add_pool_factor(reval, "before the search (not with --index: pool it when indexing)")
     add_search_mode(reval, "dense")
     reval.set_defaults(func=_retriever_eval)

@@ -1,5 +1,5 @@
-"""Lexical and hybrid page search: BM25 over the text layers, reciprocal rank fusion, and both
-through `evaluate` and `PageSearch` (image-only stores fall back to dense search)."""
+"""Lexical and hybrid page search: BM25 over the text layers, reciprocal rank and score fusion, and
+both through `evaluate` and `PageSearch` (image-only stores fall back to dense search)."""
 
 import io
 import json
@@ -12,7 +12,7 @@ from tests.retrieval.conftest import make_retriever
 from vlmkit.data.page_store import PageStoreWriter
 from vlmkit.errors import ConfigError
 from vlmkit.eval import retrieval as ev
-from vlmkit.eval.lexical import RRF_K, LexicalIndex, reciprocal_rank_fusion
+from vlmkit.eval.lexical import RRF_K, LexicalIndex, fuse, reciprocal_rank_fusion, score_fusion
 from vlmkit.serve.page_search import PageSearch
 
 TEXTS = {
@@ -68,6 +68,26 @@ def test_reciprocal_rank_fusion_adds_weighted_inverse_ranks():
     assert [d for d, _ in reciprocal_rank_fusion([["x", "y"], ["y", "x"]], [1.0, 1.0])] == ["x", "y"]
 
 
+def test_score_fusion_adds_weighted_min_max_normalised_scores():
+    runs = [[("a", 3.0), ("b", 2.0), ("c", 1.0)], [("c", 10.0), ("a", 6.0)]]
+    assert score_fusion(runs, [1.0, 2.0]) == [("c", 2.0), ("a", 1.0), ("b", 0.5)]
+    # Each ranking is normalised over its own list: its scale and offset do not matter.
+    rescaled = [runs[0], [(doc, 100.0 * score - 7.0) for doc, score in runs[1]]]
+    assert [(doc, pytest.approx(score)) for doc, score in score_fusion(rescaled, [1.0, 2.0])] == score_fusion(
+        runs, [1.0, 2.0])
+    assert score_fusion([[("a", 5.0), ("b", 5.0)], []], [1.0, 1.0]) == [("a", 1.0), ("b", 1.0)]  # equal: all 1
+    assert score_fusion([[("a", 2.0), ("b", 1.0)], [("c", 1.0)]], [0.0, 1.0]) == [("c", 1.0)]  # weight 0: left out
+
+
+def test_score_fusion_lets_a_weak_ranking_break_the_strong_ones_near_ties_where_rrf_does_not():
+    bm25 = [("x", 10.0), ("y", 9.9), ("z", 1.0)]  # x and y nearly tied
+    dense = [("y", 0.5), ("z", 0.45), ("x", 0.1)]
+    assert [doc for doc, _ in fuse([dense, bm25], (0.2, 0.8), 3, "score")] == ["y", "x", "z"]
+    assert [doc for doc, _ in fuse([dense, bm25], (0.2, 0.8), 3, "rrf")] == ["x", "y", "z"]
+    with pytest.raises(ConfigError, match="fusion 'max' is not one of rrf, score"):
+        fuse([dense, bm25], (1.0, 1.0), 3, "max")
+
+
 def test_lexical_evaluation_equals_pytrec_eval_on_its_run_file(corpus, tmp_path):
     store, queries, qrels = corpus
     result = ev.evaluate(None, store, queries, qrels, output=tmp_path / "lexical.json", mode="lexical")
@@ -102,6 +122,31 @@ def test_hybrid_fuses_the_dense_and_lexical_rankings(corpus, tmp_path, monkeypat
     assert search.top(QUERIES["q3"], 1)[0].image.size == (48, 64)
 
 
+def test_hybrid_score_fusion_fuses_the_two_rankings_scores(corpus, tmp_path, monkeypatch):
+    store, queries, qrels = corpus
+    model, processor = make_retriever(list(QUERIES.values()))
+    model.eval()
+    monkeypatch.setattr(ev, "load_retriever", lambda directory: (model, processor))
+    result = ev.evaluate("model", store, queries, qrels, output=tmp_path / "score.json", mode="hybrid",
+                         weights=(1.0, 3.0), fusion="score")
+    assert result["fusion"] == "score"
+    fused = {}
+    for line in (tmp_path / "score.trec").read_text().splitlines():
+        qid, _, doc_id, _, _, _ = line.split()
+        fused.setdefault(qid, []).append(doc_id)
+    dense = PageSearch(model, processor, store, mode="dense")
+    lexical = PageSearch(None, None, store, mode="lexical")
+    hybrid = PageSearch(model, processor, store, mode="hybrid", weights=(1.0, 3.0), fusion="score")
+    for qid, text in QUERIES.items():
+        expected = score_fusion([dense.ranked(text, ev.RUN_DEPTH), lexical.ranked(text, ev.RUN_DEPTH)], [1.0, 3.0])
+        assert fused[qid] == [doc_id for doc_id, _ in expected]
+        assert hybrid.ranked(text, 3) == [(doc, pytest.approx(score)) for doc, score in expected[:3]]
+    with pytest.raises(ConfigError, match="fusion 'mean' is not one of"):
+        ev.evaluate("model", store, queries, qrels, mode="hybrid", fusion="mean")
+    with pytest.raises(ConfigError, match="fusion 'mean' is not one of"):
+        PageSearch(model, processor, store, mode="hybrid", fusion="mean")
+
+
 def test_a_fusion_sweep_runs_from_dense_alone_to_bm25_alone_and_names_the_best(corpus, tmp_path, monkeypatch):
     store, queries, qrels = corpus
     model, processor = make_retriever(list(QUERIES.values()))  # random weights: a poor dense ranking
@@ -110,13 +155,18 @@ def test_a_fusion_sweep_runs_from_dense_alone_to_bm25_alone_and_names_the_best(c
     dense = ev.evaluate("model", store, queries, qrels, mode="dense")
     result = ev.evaluate("model", store, queries, qrels, output=tmp_path / "hybrid.json", mode="hybrid", sweep=True)
     table = result["sweep"]
-    assert [row["weights"] for row in table] == [[round(1 - i / 10, 6), i / 10] for i in range(11)]
-    assert table[0]["ndcg@10"] == pytest.approx(dense["ndcg@10"]) and dense["ndcg@10"] < 1.0
-    assert table[-1]["ndcg@10"] == 1.0  # BM25 alone finds every page (test_lexical_evaluation_...)
+    shares = [[round(1 - i / 10, 6), i / 10] for i in range(11)]
+    assert [(row["fusion"], row["weights"]) for row in table] == [(f, w) for f in ("rrf", "score") for w in shares]
+    for fusion in ("rrf", "score"):  # both fusions end in dense alone and BM25 alone
+        rows = [row for row in table if row["fusion"] == fusion]
+        assert rows[0]["ndcg@10"] == pytest.approx(dense["ndcg@10"]) and dense["ndcg@10"] < 1.0
+        assert rows[-1]["ndcg@10"] == 1.0  # BM25 alone finds every page (test_lexical_evaluation_...)
     best = max(row["ndcg@10"] for row in table)
-    assert result["best_weights"] == next(row["weights"] for row in table if row["ndcg@10"] == best)
+    first_best = next(row for row in table if row["ndcg@10"] == best)
+    assert (result["best_fusion"], result["best_weights"]) == (first_best["fusion"], first_best["weights"])
     # The fusion the run itself scores is still the one of `weights`.
-    assert result["ndcg@10"] == pytest.approx(next(row for row in table if row["weights"] == [0.5, 0.5])["ndcg@10"])
+    assert result["ndcg@10"] == pytest.approx(
+        next(row for row in table if row["weights"] == [0.5, 0.5] and row["fusion"] == "rrf")["ndcg@10"])
     assert json.loads((tmp_path / "hybrid.json").read_text())["best_weights"] == result["best_weights"]
     with pytest.raises(ConfigError, match="needs --mode hybrid"):
         ev.evaluate("model", store, queries, qrels, mode="dense", sweep=True)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from vlmkit.data.page_store import PageStore
 from vlmkit.errors import ConfigError, DataError
 from vlmkit.eval.exact_search import search_topk as search  # exact top-k, ties to the lower index
-from vlmkit.eval.lexical import LexicalIndex, fuse
+from vlmkit.eval.lexical import FUSIONS, LexicalIndex, check_fusion, fuse
 from vlmkit.eval.token_pooling import check_pool_factor, pool_page_tokens
 from vlmkit.files import write_text_atomic
 from vlmkit.model.retriever import VLMRetriever, concat, encode_inputs
@@ -196,15 +196,18 @@ def metrics(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict
 
 
 def fusion_sweep(runs: list[list[list[tuple[str, float]]]], qids: list[str], qrels: dict[str, dict[str, int]],
-                 shares=FUSION_SHARES) -> list[dict]:
-    """The hybrid's metrics at each lexical share w of the fusion weight (weights 1 - w, w): from
-    dense alone (w = 0) to BM25 alone (w = 1). `runs` are the dense and the lexical rankings of each query.
-    The share to use is the best one on queries held out from training, never the test queries'."""
+                 shares=FUSION_SHARES, fusions=FUSIONS) -> list[dict]:
+    """The hybrid's metrics by each fusion at each lexical share w of the weight (weights 1 - w, w):
+    from dense alone (w = 0) to BM25 alone (w = 1). `runs` are the dense and the lexical rankings of
+    each query. The fusion and share to use are the best on queries held out from training, never
+    the test queries'."""
     table = []
-    for share in shares:
-        weights = (round(1.0 - share, 6), share)
-        fused = {q: [doc_id for doc_id, _ in fuse(list(pair), weights, RUN_DEPTH)] for q, pair in zip(qids, zip(*runs))}
-        table.append({"weights": list(weights)} | metrics(fused, qrels))
+    for fusion in fusions:
+        for share in shares:
+            weights = (round(1.0 - share, 6), share)
+            fused = {q: [doc_id for doc_id, _ in fuse(list(pair), weights, RUN_DEPTH, fusion)]
+                     for q, pair in zip(qids, zip(*runs))}
+            table.append({"fusion": fusion, "weights": list(weights)} | metrics(fused, qrels))
     return table
 
 
@@ -219,13 +222,14 @@ def write_run(path: str | Path, run: dict[str, list[tuple[str, float]]], tag: st
 def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str | Path, qrels_path: str | Path,
              output: str | Path | None = None, batch_size: int = 32, index: str | Path | None = None,
              progress: bool = True, mode: str = "dense", weights: tuple[float, float] = (1.0, 1.0),
-             pool_factor: int = 1, sweep: bool = False) -> dict:
+             pool_factor: int = 1, sweep: bool = False, fusion: str = "rrf") -> dict:
     """Search every query, score against the qrels; rank 0 writes `output` (metrics JSON) and a TREC
     run file beside it. `mode`: "dense" (the retriever; the store encoded, or `index` loaded),
-    "lexical" (BM25 over the pages' text layers, no model) or "hybrid" (both, fused by reciprocal
-    rank with `weights` for dense and lexical). `pool_factor` > 1 pools the encoded pages' token
-    vectors (multi-vector retrievers; `vlmkit.eval.token_pooling`) before the search. `sweep` (hybrid
-    only) adds `fusion_sweep`'s table and the best weights by nDCG@10."""
+    "lexical" (BM25 over the pages' text layers, no model) or "hybrid" (both, fused by `fusion`,
+    "rrf" or "score" (`vlmkit.eval.lexical`), with `weights` for dense and lexical). `pool_factor` > 1
+    pools the encoded pages' token vectors (multi-vector retrievers; `vlmkit.eval.token_pooling`)
+    before the search. `sweep` (hybrid only) adds `fusion_sweep`'s table and the best fusion and
+    weights by nDCG@10."""
     if mode not in SEARCH_MODES:
         raise ConfigError(f"search mode {mode!r} is not one of {', '.join(SEARCH_MODES)}")
     if sweep and mode != "hybrid":
@@ -233,6 +237,7 @@ def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str |
     if mode != "lexical" and model_dir is None:
         raise ConfigError(f"{mode} search needs a retriever (--model)")
     check_pool_factor(pool_factor)
+    check_fusion(fusion)
     if pool_factor > 1 and mode == "lexical":
         raise ConfigError("--pool-factor pools a retriever's page vectors; --mode lexical has none")
     if pool_factor > 1 and index:
@@ -263,13 +268,15 @@ def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str |
         runs.append(LexicalIndex.of_store(store).search(texts, RUN_DEPTH))
     table = fusion_sweep(runs, qids, qrels) if sweep else None
     if mode == "hybrid":  # runs: [dense, lexical], each one ranking per query
-        runs = [[fuse(list(pair), weights, RUN_DEPTH) for pair in zip(*runs)]]
+        runs = [[fuse(list(pair), weights, RUN_DEPTH, fusion) for pair in zip(*runs)]]
     run = dict(zip(qids, runs[0]))
     result = metrics({q: [doc_id for doc_id, _ in ranked] for q, ranked in run.items()}, qrels)
-    result |= {"n_docs": len(store), "mode": mode}
+    result |= {"n_docs": len(store), "mode": mode} | ({"fusion": fusion} if mode == "hybrid" else {})
     if table:
-        # The first of equals wins: the share nearest dense alone, so BM25 must earn its weight.
-        result |= {"sweep": table, "best_weights": max(table, key=lambda row: row["ndcg@10"])["weights"]}
+        # The first of equals wins: reciprocal rank before scores, and the share nearest dense alone,
+        # so BM25 must earn its weight.
+        best = max(table, key=lambda row: row["ndcg@10"])
+        result |= {"sweep": table, "best_fusion": best["fusion"], "best_weights": best["weights"]}
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if output and is_main:
         output = Path(output)

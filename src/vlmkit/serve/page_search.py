@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlmkit.data.page_store import PageStore
 from vlmkit.errors import ConfigError, DataError
-from vlmkit.eval.lexical import LexicalIndex, fuse
+from vlmkit.eval.lexical import LexicalIndex, check_fusion, fuse
 from vlmkit.eval.retrieval import RUN_DEPTH, SEARCH_MODES, build_index, encode_queries, load_index, search
 
 RETRIEVER_TYPE = "vlmkit_retriever"  # config.json model_type of a saved VLMRetriever
@@ -47,12 +47,15 @@ class Hit:
 
 class PageSearch:
     """Top pages of a store for a text query. `mode`: "dense" (needs the retriever), "lexical" (no
-    model) or "hybrid" (both; `weights` are dense's and lexical's in the fusion)."""
+    model) or "hybrid" (both, fused by `fusion`, "rrf" or "score"; `weights` are dense's and lexical's
+    in the fusion)."""
 
     def __init__(self, model, processor, docs: str | Path, index: str | Path | None = None, mode: str = "dense",
-                 weights: tuple[float, float] = (1.0, 1.0)):
+                 weights: tuple[float, float] = (1.0, 1.0), fusion: str = "rrf"):
         if mode not in SEARCH_MODES:
             raise ConfigError(f"search mode {mode!r} is not one of {', '.join(SEARCH_MODES)}")
+        check_fusion(fusion)
+        self.fusion = fusion
         if mode != "lexical" and model is None:
             raise ConfigError(f"{mode} search needs a retriever")
         self.model, self.processor, self.store, self.weights = model, processor, PageStore(docs), weights
@@ -85,7 +88,7 @@ class PageSearch:
             runs.append(self.lexical.search([query.strip()], k if self.mode == "lexical" else max(k, RUN_DEPTH))[0])
         if self.mode != "hybrid":
             return runs[0][:k]
-        return fuse(runs, self.weights, k)
+        return fuse(runs, self.weights, k, self.fusion)
 
     def top(self, query: str, k: int) -> list[Hit]:
         """`ranked`, with each page's image."""
