@@ -2,9 +2,10 @@
 
 `python -m examples.real_pdfs.fetch --out data/real-pdfs` downloads four packages with
 `apt-get download` (no root needed; Debian's mirror is reachable where PyPI is), unpacks them
-with `dpkg-deb -x`, and writes the first `--pages` pages of each chosen manual to
-OUT/train/ or OUT/test/. The split is by document, fixed below, so that no held-out page shares
-a document with a training page; the test side mixes an R manual with two other projects.
+with `dpkg-deb -x`, and writes the first `--pages` pages of each chosen manual to OUT/train/,
+OUT/valid/ or OUT/test/. The split is by document, fixed below, so that no held-out page shares
+a document with a training page: the retriever trains on `train`, the hybrid search's fusion is
+chosen on `valid`, and `test`, which mixes an R manual with two other projects, is searched once.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ PACKAGES = ("r-doc-pdf", "gnuplot-doc", "asymptote-doc", "octave-doc")
 TRAIN = {
     "R-intro": "usr/share/R/doc/manual/R-intro.pdf",
     "R-admin": "usr/share/R/doc/manual/R-admin.pdf",
-    "R-exts": "usr/share/R/doc/manual/R-exts.pdf",
-    "R-ints": "usr/share/R/doc/manual/R-ints.pdf",
     "R-FAQ": "usr/share/R/doc/manual/R-FAQ.pdf",
     "asymptote": "usr/share/doc/asymptote/asymptote.pdf",
     "octave": "usr/share/doc/octave/octave.pdf",
+}
+VALID = {
+    "R-exts": "usr/share/R/doc/manual/R-exts.pdf",
+    "R-ints": "usr/share/R/doc/manual/R-ints.pdf",
 }
 TEST = {
     "R-lang": "usr/share/R/doc/manual/R-lang.pdf",
@@ -62,8 +65,11 @@ def main() -> None:
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
         unpack(PACKAGES, Path(tmp))
-        for side, manuals in (("train", TRAIN), ("test", TEST)):
+        for side, manuals in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
             (out / side).mkdir(parents=True, exist_ok=True)
+            for stale in (out / side).glob("*.pdf"):  # e.g. a manual of another side in an older split
+                if stale.stem not in manuals:
+                    stale.unlink()
             total = sum(excerpt(Path(tmp) / "root" / path, out / side / f"{name}.pdf", args.pages)
                         for name, path in manuals.items())
             print(f"{side}: {len(manuals)} documents, {total} pages in {out / side}")

@@ -18,9 +18,11 @@ def random_floor(n_docs: int, k: int = 10) -> dict:
 
 
 def main(out: Path, model: Path) -> None:
+    hybrid = json.loads((model / "hybrid.json").read_text())
+    fusion = {"rrf": "reciprocal rank", "score": "scores"}[hybrid["fusion"]]
     rows = {"BM25 (text layer)": json.loads((out / "bm25.json").read_text()),
             "dense retriever": json.loads((model / "dense.json").read_text()),
-            "hybrid (reciprocal rank fusion)": json.loads((model / "hybrid.json").read_text())}
+            f"hybrid ({fusion}, {hybrid['weights'][0]:g}:{hybrid['weights'][1]:g})": hybrid}
     n_docs = rows["BM25 (text layer)"]["n_docs"]
     rows = {"random ranking": random_floor(n_docs), **rows}
     queries = sum(1 for line in (out / "test" / "test_queries.jsonl").open() if line.strip())
@@ -28,6 +30,7 @@ def main(out: Path, model: Path) -> None:
     print(f"| {'search':<32} | nDCG@10 | recall@10 |\n|{'-' * 34}|---------|-----------|")
     for name, metrics in rows.items():
         print(f"| {name:<32} | {metrics['ndcg@10']:.3f}   | {metrics['recall@10']:.3f}     |")
+    print(f"hybrid: the fusion and weights chosen on the validation documents ({model / 'valid_sweep.json'})")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def test_hybrid_score_fusion_fuses_the_two_rankings_scores(corpus, tmp_path, mon
     monkeypatch.setattr(ev, "load_retriever", lambda directory: (model, processor))
     result = ev.evaluate("model", store, queries, qrels, output=tmp_path / "score.json", mode="hybrid",
                          weights=(1.0, 3.0), fusion="score")
-    assert result["fusion"] == "score"
+    assert (result["fusion"], result["weights"]) == ("score", [1.0, 3.0])
     fused = {}
     for line in (tmp_path / "score.trec").read_text().splitlines():
         qid, _, doc_id, _, _, _ = line.split()

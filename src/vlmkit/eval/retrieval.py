@@ -271,7 +271,9 @@ def evaluate(model_dir: str | Path | None, docs: str | Path, queries_path: str |
         runs = [[fuse(list(pair), weights, RUN_DEPTH, fusion) for pair in zip(*runs)]]
     run = dict(zip(qids, runs[0]))
     result = metrics({q: [doc_id for doc_id, _ in ranked] for q, ranked in run.items()}, qrels)
-    result |= {"n_docs": len(store), "mode": mode} | ({"fusion": fusion} if mode == "hybrid" else {})
+    result |= {"n_docs": len(store), "mode": mode}
+    if mode == "hybrid":
+        result |= {"fusion": fusion, "weights": list(weights)}
     if table:
         # The first of equals wins: reciprocal rank before scores, and the share nearest dense alone,
         # so BM25 must earn its weight.
