@@ -67,12 +67,18 @@ def main() -> None:
         unpack(PACKAGES, Path(tmp))
         for side, manuals in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
             (out / side).mkdir(parents=True, exist_ok=True)
-            for stale in (out / side).glob("*.pdf"):  # e.g. a manual of another side in an older split
-                if stale.stem not in manuals:
+            for stale in (out / side).glob("*.pdf"):  # a manual this split puts on another side
+                if stale.stem in TRAIN | VALID | TEST and stale.stem not in manuals:
                     stale.unlink()
             total = sum(excerpt(Path(tmp) / "root" / path, out / side / f"{name}.pdf", args.pages)
                         for name, path in manuals.items())
             print(f"{side}: {len(manuals)} documents, {total} pages in {out / side}")
+    # Written last: run.sh fetches again until it exists, and keeps each output folder to one split.
+    split = out / "split.txt"
+    split.with_suffix(".tmp").write_text("".join(f"{side} {name}\n" for side, manuals in
+                                                 (("train", TRAIN), ("valid", VALID), ("test", TEST))
+                                                 for name in manuals))
+    split.with_suffix(".tmp").replace(split)
 
 
 if __name__ == "__main__":

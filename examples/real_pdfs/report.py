@@ -27,9 +27,10 @@ def main(out: Path, model: Path) -> None:
     rows = {"random ranking": random_floor(n_docs), **rows}
     queries = sum(1 for line in (out / "test" / "test_queries.jsonl").open() if line.strip())
     print(f"held-out documents: {n_docs} pages, {queries} queries; retriever {model}")
-    print(f"| {'search':<32} | nDCG@10 | recall@10 |\n|{'-' * 34}|---------|-----------|")
+    width = max(len(name) for name in rows)
+    print(f"| {'search':<{width}} | nDCG@10 | recall@10 |\n|{'-' * (width + 2)}|---------|-----------|")
     for name, metrics in rows.items():
-        print(f"| {name:<32} | {metrics['ndcg@10']:.3f}   | {metrics['recall@10']:.3f}     |")
+        print(f"| {name:<{width}} | {metrics['ndcg@10']:.3f}   | {metrics['recall@10']:.3f}     |")
     print(f"hybrid: the fusion and weights chosen on the validation documents ({model / 'valid_sweep.json'})")
 
 

@@ -11,7 +11,8 @@
 # Settings through the environment: STEPS (retriever training steps, default 64), VIEWS
 # (model.max_slices: 1, the default, = the whole page as one view), DPI (default 96), SETTINGS
 # (the retriever's `--set` overrides; the default reads the start of each page's text layer, see
-# below) and NAME (the retriever's folder under OUT; default retriever-steps$STEPS).
+# below) and NAME (the retriever's folder under OUT; by default named after VIEWS, STEPS and
+# SETTINGS).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VLMKIT=${VLMKIT:-.venv/bin/vlmkit}
@@ -29,8 +30,17 @@ SETTINGS=${SETTINGS:-retrieval.page_text_tokens=128 retrieval.pooling=mean retri
 model.image_size=112 model.crop_size=112 train.lr.lm=1e-4}
 mkdir -p "$OUT"
 
-[ -d "$DATA/valid" ] || $PYTHON -m examples.real_pdfs.fetch --out "$DATA"
+[ -f "$DATA/split.txt" ] || $PYTHON -m examples.real_pdfs.fetch --out "$DATA"
 $VLMKIT models fetch
+# Rendering and query writing add to what OUT holds, so one OUT holds one split of the documents.
+if [ -f "$OUT/split.txt" ]; then
+  cmp -s "$DATA/split.txt" "$OUT/split.txt" || { echo "$OUT was made from another split of the documents" \
+    "($OUT/split.txt against $DATA/split.txt): give another OUT" >&2; exit 1; }
+elif [ -e "$OUT/train.h5" ]; then
+  echo "$OUT holds page stores of an older split of the documents (no split.txt): give another OUT" >&2; exit 1
+else
+  cp "$DATA/split.txt" "$OUT/split.txt"
+fi
 
 for side in train valid test; do
   $VLMKIT docs render "$DATA/$side" --out "$OUT/$side.h5" --dpi "$DPI"
@@ -45,7 +55,8 @@ $VLMKIT docs make-pairs --queries "$OUT/test_filtered.jsonl" --out "$OUT/test" -
 $VLMKIT docs mine-negatives --pairs "$OUT/train/train_pairs.jsonl" --docs "$OUT/train.h5" \
   --out "$OUT/train/mined_pairs.jsonl" --per-query 2 --skip same-page
 
-MODEL="$OUT/${NAME:-retriever-steps$STEPS}"
+# One folder per setting: a finished model of other settings is never taken for this one.
+MODEL="$OUT/${NAME:-retriever-views$VIEWS-steps$STEPS-$(printf %s "$SETTINGS" | md5sum | cut -c1-8)}"
 # shellcheck disable=SC2086  # SETTINGS is a list of overrides, split on spaces
 [ -f "$MODEL/config.json" ] || $VLMKIT retriever train retriever-pretrained \
   --train-data "$OUT/train/mined_pairs.jsonl" --docs "$OUT/train.h5" --output-dir "$MODEL" \
@@ -55,8 +66,9 @@ MODEL="$OUT/${NAME:-retriever-steps$STEPS}"
 $VLMKIT retriever eval --docs "$OUT/valid.h5" --queries "$OUT/valid/test_queries.jsonl" \
   --qrels "$OUT/valid/test_qrels.tsv" --model "$MODEL" --mode hybrid --sweep-weights \
   --output "$MODEL/valid_sweep.json" > /dev/null
-read -r FUSION DENSE LEXICAL < <($PYTHON -c 'import json, sys; r = json.load(open(sys.argv[1]))
-print(r["best_fusion"], *r["best_weights"])' "$MODEL/valid_sweep.json")
+best=$($PYTHON -c 'import json, sys; r = json.load(open(sys.argv[1])); print(r["best_fusion"], *r["best_weights"])' \
+  "$MODEL/valid_sweep.json")
+read -r FUSION DENSE LEXICAL <<< "$best"
 
 EVAL=(--docs "$OUT/test.h5" --queries "$OUT/test/test_queries.jsonl" --qrels "$OUT/test/test_qrels.tsv")
 $VLMKIT retriever eval "${EVAL[@]}" --mode lexical --output "$OUT/bm25.json" > /dev/null

@@ -12,7 +12,7 @@ from tests.retrieval.conftest import make_retriever
 from vlmkit.data.page_store import PageStoreWriter
 from vlmkit.errors import ConfigError
 from vlmkit.eval import retrieval as ev
-from vlmkit.eval.lexical import RRF_K, LexicalIndex, fuse, reciprocal_rank_fusion, score_fusion
+from vlmkit.eval.lexical import FUSIONS, RRF_K, LexicalIndex, fuse, min_max, reciprocal_rank_fusion, score_fusion
 from vlmkit.serve.page_search import PageSearch
 
 TEXTS = {
@@ -77,6 +77,14 @@ def test_score_fusion_adds_weighted_min_max_normalised_scores():
         runs, [1.0, 2.0])
     assert score_fusion([[("a", 5.0), ("b", 5.0)], []], [1.0, 1.0]) == [("a", 1.0), ("b", 1.0)]  # equal: all 1
     assert score_fusion([[("a", 2.0), ("b", 1.0)], [("c", 1.0)]], [0.0, 1.0]) == [("c", 1.0)]  # weight 0: left out
+
+
+def test_min_max_keeps_infinite_and_missing_scores_in_range():
+    assert min_max([2.0, 1.0, float("-inf")]) == [1.0, 0.0, 0.0]  # -inf: a page with no token vectors
+    assert min_max([2.0, float("nan"), 0.0]) == [1.0, 0.0, 0.0]
+    assert min_max([3.0]) == [1.0] and min_max([float("-inf")]) == [0.0] and min_max([]) == []
+    fused = score_fusion([[("a", 1.0), ("b", float("-inf"))], [("c", 2.0)]], [1.0, 1.0])
+    assert fused == [("a", 1.0), ("c", 1.0), ("b", 0.0)]  # no NaN to scramble the order
 
 
 def test_score_fusion_lets_a_weak_ranking_break_the_strong_ones_near_ties_where_rrf_does_not():
@@ -145,6 +153,28 @@ def test_hybrid_score_fusion_fuses_the_two_rankings_scores(corpus, tmp_path, mon
         ev.evaluate("model", store, queries, qrels, mode="hybrid", fusion="mean")
     with pytest.raises(ConfigError, match="fusion 'mean' is not one of"):
         PageSearch(model, processor, store, mode="hybrid", fusion="mean")
+
+
+def test_the_cli_passes_the_fusion_and_weights_through(corpus, tmp_path, monkeypatch):
+    from vlmkit.cli import build_parser, main
+
+    store, queries, qrels = corpus
+    model, processor = make_retriever(list(QUERIES.values()))
+    model.eval()
+    monkeypatch.setattr(ev, "load_retriever", lambda directory: (model, processor))
+    out = tmp_path / "cli.json"
+    assert main(["retriever", "eval", "--model", "model", "--docs", str(store), "--queries", str(queries),
+                 "--qrels", str(qrels), "--mode", "hybrid", "--fusion", "score", "--weights", "1", "3",
+                 "--output", str(out)]) == 0
+    direct = ev.evaluate("model", store, queries, qrels, mode="hybrid", weights=(1.0, 3.0), fusion="score")
+    assert json.loads(out.read_text()) == direct
+    # The flag's choices are written out in the CLI (importing bm25s would slow `--help`): the same list.
+    args = build_parser().parse_args(["retriever", "search", "query", "--fusion", "score"])
+    assert args.fusion == "score"
+    for fusion in FUSIONS:
+        assert build_parser().parse_args(["retriever", "search", "query", "--fusion", fusion]).fusion == fusion
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["retriever", "search", "query", "--fusion", "mean"])
 
 
 def test_a_fusion_sweep_runs_from_dense_alone_to_bm25_alone_and_names_the_best(corpus, tmp_path, monkeypatch):

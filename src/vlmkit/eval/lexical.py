@@ -15,6 +15,7 @@ meaning and by what only the image shows. Two ways to fuse the two rankings:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import bm25s
@@ -69,19 +70,27 @@ def reciprocal_rank_fusion(rankings: list[list[str]], weights: list[float], k: i
     return sorted(scores.items(), key=lambda item: -item[1])  # sorted() is stable
 
 
+def min_max(values: list[float]) -> list[float]:
+    """`values` mapped onto [0, 1] by their finite minimum and maximum (all 1 if those are equal):
+    -inf (a multi-vector page with no token vectors) is the worst, 0, and NaN counts as 0 too."""
+    finite = [value for value in values if math.isfinite(value)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    if high == low:
+        return [0.0 if math.isnan(value) or value < low else 1.0 for value in values]
+    return [0.0 if math.isnan(value) else min(1.0, max(0.0, (value - low) / (high - low))) for value in values]
+
+
 def score_fusion(runs: list[list[tuple[str, float]]], weights: list[float]) -> list[tuple[str, float]]:
     """One ranking from several (page, score) rankings: each page scores the weighted sum of its
-    min-max normalised scores (the best of a ranking 1, the last it lists 0; all 1 if they are equal);
-    a ranking that does not list a page adds 0 for it. Ties keep the order in which the pages were
-    first met. Hand-written for the same reason as `reciprocal_rank_fusion`."""
+    min-max normalised scores (`min_max`: the best a ranking lists 1, the last 0, as a page it does
+    not list). Ties keep the order in which the pages were first met. Hand-written for the same
+    reason as `reciprocal_rank_fusion`."""
     scores: dict[str, float] = defaultdict(float)
     for run, weight in zip(runs, weights, strict=True):
-        if weight == 0 or not run:
+        if weight == 0:
             continue  # a ranking weighted 0 is left out, as in reciprocal_rank_fusion
-        values = [score for _, score in run]
-        low, span = min(values), max(values) - min(values)
-        for doc_id, score in run:
-            scores[doc_id] += weight * ((score - low) / span if span > 0 else 1.0)
+        for (doc_id, _), value in zip(run, min_max([score for _, score in run]), strict=True):
+            scores[doc_id] += weight * value
     return sorted(scores.items(), key=lambda item: -item[1])
 
 

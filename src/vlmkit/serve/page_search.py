@@ -3,8 +3,8 @@ by text, densely (a retriever), lexically (BM25 over the pages' text layers) or 
 
 The dense index is `vlmkit retriever index`'s file when one is given, else the store is encoded
 once at start-up; dense search is `vlmkit.eval.retrieval.search`, exact, best first. Hybrid
-search fuses the two rankings by reciprocal rank (`vlmkit.eval.lexical`); a store with no text
-layer (images only) is searched densely alone.
+search fuses the two rankings by reciprocal rank or by their normalised scores
+(`vlmkit.eval.lexical`); a store with no text layer (images only) is searched densely alone.
 """
 
 from __future__ import annotations
