@@ -26,6 +26,9 @@ run_module = importlib.import_module("vlmkit.train.run")
 # order, the initialisation (the projector scaled to the word embeddings included) or the
 # optimiser's first step change; with the recipe's lm_start of 0.5, that first step trains the projector alone.
 GOLDEN_LOSSES = (5.273992, 4.590486)
+# CPUs differ in their float32 kernels: the second loss was 4.590486 on an AMD EPYC and 4.590691 on
+# an Intel Xeon (both AVX512-BF16). A real change moves it by far more (the first step moves it 0.68).
+GOLDEN_TOLERANCE = 1e-3
 
 
 def _train(synth_dir, out, save: str, monkeypatch):
@@ -91,4 +94,4 @@ def test_merged_folder_equals_the_adapters_merged(trained, train_records):
 def test_first_losses_of_the_default_recipe_are_pinned(trained):
     _, losses = trained["adapter"]
     assert len(losses) == 2
-    assert losses == pytest.approx(GOLDEN_LOSSES, abs=1e-4), losses
+    assert losses == pytest.approx(GOLDEN_LOSSES, abs=GOLDEN_TOLERANCE), losses
