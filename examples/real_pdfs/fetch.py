@@ -35,6 +35,7 @@ TEST = {
     "gnuplot": "usr/share/doc/gnuplot/gnuplot.pdf",
     "liboctave": "usr/share/doc/octave/liboctave.pdf",
 }
+SIDES = (("train", TRAIN), ("valid", VALID), ("test", TEST))
 
 
 def unpack(packages: tuple[str, ...], into: Path) -> None:
@@ -65,7 +66,7 @@ def main() -> None:
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
         unpack(PACKAGES, Path(tmp))
-        for side, manuals in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
+        for side, manuals in SIDES:
             (out / side).mkdir(parents=True, exist_ok=True)
             for stale in (out / side).glob("*.pdf"):  # a manual this split puts on another side
                 if stale.stem in TRAIN | VALID | TEST and stale.stem not in manuals:
@@ -75,9 +76,7 @@ def main() -> None:
             print(f"{side}: {len(manuals)} documents, {total} pages in {out / side}")
     # Written last: run.sh fetches again until it exists, and keeps each output folder to one split.
     split = out / "split.txt"
-    split.with_suffix(".tmp").write_text("".join(f"{side} {name}\n" for side, manuals in
-                                                 (("train", TRAIN), ("valid", VALID), ("test", TEST))
-                                                 for name in manuals))
+    split.with_suffix(".tmp").write_text("".join(f"{side} {name}\n" for side, manuals in SIDES for name in manuals))
     split.with_suffix(".tmp").replace(split)
 
 

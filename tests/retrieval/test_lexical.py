@@ -168,9 +168,7 @@ def test_the_cli_passes_the_fusion_and_weights_through(corpus, tmp_path, monkeyp
                  "--output", str(out)]) == 0
     direct = ev.evaluate("model", store, queries, qrels, mode="hybrid", weights=(1.0, 3.0), fusion="score")
     assert json.loads(out.read_text()) == direct
-    # The flag's choices are written out in the CLI (importing bm25s would slow `--help`): the same list.
-    args = build_parser().parse_args(["retriever", "search", "query", "--fusion", "score"])
-    assert args.fusion == "score"
+    # The flag's choices are written out in the CLI (importing bm25s would slow `--help`): every fusion is one.
     for fusion in FUSIONS:
         assert build_parser().parse_args(["retriever", "search", "query", "--fusion", fusion]).fusion == fusion
     with pytest.raises(SystemExit):
